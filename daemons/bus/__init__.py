@@ -1,0 +1,1 @@
+"""The router<->daemon bus: ZeroMQ + msgpack, Majordomo-style."""

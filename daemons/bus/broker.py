@@ -1,0 +1,294 @@
+"""The broker: a ROUTER socket in the router's asyncio loop that workers register with.
+
+It tracks live workers per service (heartbeats both ways; a worker silent for
+`liveness` intervals is dead and its in-flight calls fail with WorkerLost), sends each
+request to the least-loaded live worker with room, and routes PARTIAL/FINAL/ERROR
+replies back to the waiting `Call`. Malformed messages are logged and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from daemons.bus import protocol as p
+from daemons.bus.errors import BusError, DeadlineExceeded, NoWorker, RemoteError, WorkerLost
+from daemons.config import BusConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerInfo:
+    identity: bytes
+    service: str
+    capacity: int
+    pid: int
+    heartbeat_s: float
+    expiry: float
+    meta: dict[str, Any] = field(default_factory=dict)
+    inflight: set[str] = field(default_factory=set)
+
+    def describe(self) -> str:
+        return f"{self.service} worker pid {self.pid}"
+
+
+class Call:
+    """One request in flight. Iterate it for ("partial" | "final", data) pairs."""
+
+    def __init__(self, broker: Broker, service: str, deadline: float) -> None:
+        self.id = uuid.uuid4().hex
+        self.service = service
+        self.deadline = deadline  # unix time, as sent on the wire
+        self.worker: WorkerInfo | None = None
+        self.done = False
+        self._broker = broker
+        self._queue: asyncio.Queue[p.Message | BusError] = asyncio.Queue()
+
+    def deliver(self, item: p.Message | BusError) -> None:
+        self._queue.put_nowait(item)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        try:
+            while True:
+                remaining = self.deadline - time.time()
+                try:
+                    if remaining <= 0:
+                        raise TimeoutError
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    raise DeadlineExceeded(f"request {self.id} to {self.service} passed its deadline") from None
+                if isinstance(item, BusError):
+                    self.done = True
+                    raise item
+                if item.command == p.ERROR:
+                    self.done = True
+                    raise RemoteError(item.header["message"], item.header["code"])
+                if item.command == p.FINAL:
+                    self.done = True
+                    yield "final", item.header["data"]
+                    return
+                else:
+                    yield "partial", item.header["data"]
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Forget the call; if it did not finish, tell the worker to CANCEL it."""
+        await self._broker.release(self, cancel=not self.done)
+        self.done = True
+
+
+class Broker:
+    def __init__(self, endpoint: str, bus: BusConfig, ctx: zmq.asyncio.Context) -> None:
+        self.endpoint = endpoint
+        self.bus = bus
+        self._ctx = ctx
+        self._sock: zmq.asyncio.Socket | None = None
+        self.workers: dict[bytes, WorkerInfo] = {}
+        self._calls: dict[str, Call] = {}
+        self._room = asyncio.Condition()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dropped = 0
+        self._last_drop_log = 0.0
+        self.last_loop = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, self.bus.max_message_bytes)
+        # Unroutable replies (a worker that just vanished) are dropped, not an error.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.bind(self.endpoint)
+        if self.endpoint.startswith("ipc://"):
+            os.chmod(self.endpoint[len("ipc://"):], 0o600)
+        self._sock = sock
+        self._tasks = [
+            asyncio.create_task(self._recv_loop(), name="broker-recv"),
+            asyncio.create_task(self._heartbeat_loop(), name="broker-heartbeat"),
+        ]
+        log.info("broker listening on %s", self.endpoint)
+
+    async def stop(self) -> None:
+        for identity in list(self.workers):
+            await self._send(identity, p.DISCONNECT, {"reason": "broker stopping"})
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for call in list(self._calls.values()):
+            call.deliver(WorkerLost("the router is shutting down"))
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    # -- queries ---------------------------------------------------------------------
+
+    def live(self, service: str) -> list[WorkerInfo]:
+        now = time.monotonic()
+        return [w for w in self.workers.values() if w.service == service and w.expiry > now]
+
+    def services(self) -> dict[str, list[WorkerInfo]]:
+        out: dict[str, list[WorkerInfo]] = {}
+        for w in self.workers.values():
+            out.setdefault(w.service, []).append(w)
+        return out
+
+    # -- requests --------------------------------------------------------------------
+
+    async def call(self, service: str, body: dict[str, Any], deadline: float) -> Call:
+        """Send a request to a live worker; wait (until the deadline) for one with room."""
+        call = Call(self, service, deadline)
+        async with self._room:
+            while True:
+                workers = self.live(service)
+                if not workers:
+                    raise NoWorker(f"no live worker for {service}")
+                free = [w for w in workers if len(w.inflight) < w.capacity]
+                if free:
+                    worker = min(free, key=lambda w: len(w.inflight) / w.capacity)
+                    break
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise DeadlineExceeded(f"every {service} worker stayed at capacity until the deadline")
+                try:
+                    await asyncio.wait_for(self._room.wait(), min(remaining, self.bus.heartbeat_interval_s))
+                except TimeoutError:
+                    pass
+            worker.inflight.add(call.id)
+        call.worker = worker
+        self._calls[call.id] = call
+        await self._send(worker.identity, p.REQUEST, {"id": call.id, "deadline": deadline, "body": body})
+        return call
+
+    async def release(self, call: Call, cancel: bool) -> None:
+        if self._calls.pop(call.id, None) is None:
+            return
+        worker = call.worker
+        if worker is not None and call.id in worker.inflight:
+            worker.inflight.discard(call.id)
+            if cancel and worker.identity in self.workers:
+                log.info("cancelling request %s on %s", call.id, worker.describe())
+                await self._send(worker.identity, p.CANCEL, {"id": call.id})
+            await self._notify_room()
+
+    # -- internals -------------------------------------------------------------------
+
+    async def _notify_room(self) -> None:
+        async with self._room:
+            self._room.notify_all()
+
+    async def _send(self, identity: bytes, command: bytes, header: dict[str, Any]) -> None:
+        if self._sock is None:
+            return
+        try:
+            await self._sock.send_multipart([identity, *p.encode(command, header)])
+        except zmq.ZMQError as exc:
+            log.warning("could not send %s to a worker: %s", p.NAMES[command], exc)
+
+    def _drop(self, identity: bytes, reason: str) -> None:
+        # A flood of junk must not flood the journal: one line per second at most.
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= 1.0:
+            log.warning(
+                "dropped malformed bus message from peer %s: %s (%d dropped since last report)",
+                identity.hex()[:16], reason, self._dropped,
+            )
+            self._dropped = 0
+            self._last_drop_log = now
+
+    async def _recv_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart(copy=True)
+            self.last_loop = time.monotonic()
+            if len(frames) < 2:
+                self._drop(b"?", "no routing identity")
+                continue
+            identity, rest = frames[0], frames[1:]
+            try:
+                msg = p.decode(rest, self.bus.max_message_bytes)
+                if msg.command not in p.FROM_WORKER:
+                    raise p.ProtocolError(f"{msg.name} is not sent by workers")
+                await self._handle(identity, msg)
+            except p.ProtocolError as exc:
+                self._drop(identity, str(exc))
+            except Exception:
+                # A bug in handling one message must not take the broker down.
+                log.exception("error handling a bus message; dropped")
+
+    async def _handle(self, identity: bytes, msg: p.Message) -> None:
+        now = time.monotonic()
+        worker = self.workers.get(identity)
+        if msg.command == p.READY:
+            h = msg.header
+            if h["version"] != p.VERSION:
+                await self._send(identity, p.DISCONNECT, {"reason": f"protocol version {h['version']} unsupported"})
+                return
+            if worker is not None:
+                self._lose(worker, "re-registered")
+            hb = h["heartbeat_ms"] / 1000
+            self.workers[identity] = WorkerInfo(
+                identity=identity, service=h["service"], capacity=h["capacity"], pid=h["pid"],
+                heartbeat_s=hb, expiry=now + hb * self.bus.heartbeat_liveness,
+                meta={k: v for k, v in h.items() if k not in p.SCHEMA[p.READY]},
+            )
+            log.info("worker registered: %s, capacity %d", self.workers[identity].describe(), h["capacity"])
+            await self._notify_room()
+            return
+        if worker is None:
+            # Most likely the broker restarted and this worker does not know yet.
+            if msg.command != p.DISCONNECT:
+                await self._send(identity, p.DISCONNECT, {"reason": "unknown worker; send READY"})
+            return
+        worker.expiry = now + worker.heartbeat_s * self.bus.heartbeat_liveness
+        if msg.command == p.HEARTBEAT:
+            return
+        if msg.command == p.DISCONNECT:
+            log.info("%s disconnected: %s", worker.describe(), msg.header["reason"])
+            self._lose(worker, f"disconnected ({msg.header['reason']})")
+            return
+        call_id = msg.header["id"]
+        call = self._calls.get(call_id)
+        if call is None or call.worker is not worker:
+            return  # a late reply to a call already cancelled or timed out
+        if msg.command in (p.FINAL, p.ERROR):
+            worker.inflight.discard(call_id)
+            self._calls.pop(call_id, None)
+            await self._notify_room()
+        call.deliver(msg)
+
+    def _lose(self, worker: WorkerInfo, why: str) -> None:
+        self.workers.pop(worker.identity, None)
+        for call_id in list(worker.inflight):
+            call = self._calls.pop(call_id, None)
+            if call is not None:
+                call.deliver(WorkerLost(f"{worker.describe()} {why} while handling request {call_id}"))
+        worker.inflight.clear()
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.bus.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            self.last_loop = now
+            for worker in list(self.workers.values()):
+                if worker.expiry <= now:
+                    log.error(
+                        "%s missed %d heartbeats; dropping it and failing %d request(s) (crashed, hung, or killed?)",
+                        worker.describe(), self.bus.heartbeat_liveness, len(worker.inflight),
+                    )
+                    self._lose(worker, "stopped answering heartbeats")
+                else:
+                    await self._send(worker.identity, p.HEARTBEAT, {})

@@ -1,0 +1,145 @@
+"""The onebox bus protocol: constants and a pure encode()/decode() pair.
+
+Majordomo-style (ZeroMQ RFC 7/MDP, 18/MDP), simplified to one header frame. Workers
+connect a DEALER to the broker's ROUTER; every message is three frames:
+
+    [PROTOCOL, COMMAND, HEADER]     HEADER is a msgpack map, never pickle
+
+Commands and their required header fields:
+
+    READY      worker -> broker   version, service, capacity, heartbeat_ms, pid
+    HEARTBEAT  both ways          (none)
+    REQUEST    broker -> worker   id, deadline (unix time, float), body (map)
+    PARTIAL    worker -> broker   id, data (map)        one piece of a streamed reply
+    FINAL      worker -> broker   id, data (map)        the last piece; closes the request
+    ERROR      both ways          id, code (HTTP-like int), message
+    CANCEL     broker -> worker   id                    the client went away
+    DISCONNECT both ways          reason                "forget me / re-register"
+
+Anything else — wrong frame count, unknown command, bad msgpack, missing or mistyped
+fields, oversized frames — raises ProtocolError; callers log it and drop the message
+(or answer ERROR when they know the request id). Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+PROTOCOL = b"OBX1"
+VERSION = 1
+
+READY = b"\x01"
+HEARTBEAT = b"\x02"
+REQUEST = b"\x03"
+PARTIAL = b"\x04"
+FINAL = b"\x05"
+ERROR = b"\x06"
+CANCEL = b"\x07"
+DISCONNECT = b"\x08"
+
+NAMES = {
+    READY: "READY",
+    HEARTBEAT: "HEARTBEAT",
+    REQUEST: "REQUEST",
+    PARTIAL: "PARTIAL",
+    FINAL: "FINAL",
+    ERROR: "ERROR",
+    CANCEL: "CANCEL",
+    DISCONNECT: "DISCONNECT",
+}
+
+# Required header fields per command, with the types they must have.
+_NUM = (int, float)
+SCHEMA: dict[bytes, dict[str, type | tuple[type, ...]]] = {
+    READY: {"version": int, "service": str, "capacity": int, "heartbeat_ms": int, "pid": int},
+    HEARTBEAT: {},
+    REQUEST: {"id": str, "deadline": _NUM, "body": dict},
+    PARTIAL: {"id": str, "data": dict},
+    FINAL: {"id": str, "data": dict},
+    ERROR: {"id": str, "code": int, "message": str},
+    CANCEL: {"id": str},
+    DISCONNECT: {"reason": str},
+}
+
+# Commands each side may receive.
+FROM_WORKER = frozenset({READY, HEARTBEAT, PARTIAL, FINAL, ERROR, DISCONNECT})
+FROM_BROKER = frozenset({HEARTBEAT, REQUEST, ERROR, CANCEL, DISCONNECT})
+
+MAX_ID_LEN = 128
+MAX_SERVICE_LEN = 128
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol."""
+
+
+@dataclass(frozen=True)
+class Message:
+    command: bytes
+    header: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return NAMES.get(self.command, repr(self.command))
+
+    @property
+    def id(self) -> str | None:
+        value = self.header.get("id")
+        return value if isinstance(value, str) else None
+
+
+def encode(command: bytes, header: dict[str, Any] | None = None) -> list[bytes]:
+    """Frames for one message. Raises ProtocolError for a header that fails the schema."""
+    header = {} if header is None else header
+    _validate(command, header)
+    return [PROTOCOL, command, msgpack.packb(header, use_bin_type=True)]
+
+
+def decode(frames: list[bytes], max_bytes: int = 4 * 1024 * 1024) -> Message:
+    """Parse and check one message (frames after any routing identity)."""
+    if len(frames) != 3:
+        raise ProtocolError(f"expected 3 frames, got {len(frames)}")
+    proto, command, raw = frames
+    if proto != PROTOCOL:
+        raise ProtocolError(f"unknown protocol {bytes(proto[:16])!r}")
+    if command not in SCHEMA:
+        raise ProtocolError(f"unknown command {bytes(command[:8])!r}")
+    if len(raw) > max_bytes:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {max_bytes}")
+    try:
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, use_list=True
+        )
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"bad msgpack header: {type(exc).__name__}: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a map, got {type(header).__name__}")
+    _validate(command, header)
+    return Message(command, header)
+
+
+def _validate(command: bytes, header: dict[str, Any]) -> None:
+    schema = SCHEMA.get(command)
+    if schema is None:
+        raise ProtocolError(f"unknown command {command!r}")
+    for key, kind in schema.items():
+        if key not in header:
+            raise ProtocolError(f"{NAMES[command]}: missing field {key!r}")
+        value = header[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ProtocolError(f"{NAMES[command]}: field {key!r} has type {type(value).__name__}")
+    ident = header.get("id")
+    if isinstance(ident, str) and not 0 < len(ident) <= MAX_ID_LEN:
+        raise ProtocolError(f"{NAMES[command]}: id must be 1..{MAX_ID_LEN} characters")
+    if command == READY:
+        if not 0 < len(header["service"]) <= MAX_SERVICE_LEN:
+            raise ProtocolError("READY: service must be 1..128 characters")
+        if not 1 <= header["capacity"] <= 65536:
+            raise ProtocolError("READY: capacity must be 1..65536")
+        if not 10 <= header["heartbeat_ms"] <= 600_000:
+            raise ProtocolError("READY: heartbeat_ms must be 10..600000")
+    if command == ERROR and not 100 <= header["code"] <= 599:
+        raise ProtocolError("ERROR: code must be 100..599")

@@ -1,0 +1,38 @@
+"""The `onebox` command: one entry point for the daemons and the tools around them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from daemons import __version__
+
+COMMANDS = {
+    "up": ("daemons.ctl.up", "run the suite in the foreground (development)"),
+    "router": ("daemons.router.main", "run the router daemon (API + bus broker)"),
+    "infer": ("daemons.infer.main", "run an inference daemon for one model"),
+    "models": ("daemons.models", "list the configured models and their files"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="onebox",
+        description="onebox: a private AI stack for one Linux box. Run 'onebox COMMAND --help' for each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"onebox {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints help for -h, an error for an unknown command
+        parser.print_help()
+        return 2
+    module = __import__(COMMANDS[argv[0]][0], fromlist=["main"])
+    result: int = module.main(argv[1:])
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

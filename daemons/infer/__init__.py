@@ -1,0 +1,1 @@
+"""onebox-infer@MODEL: a chat/completion model served over the bus."""

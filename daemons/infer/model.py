@@ -1,0 +1,84 @@
+"""Loading a GGUF with llama-cpp-python and turning requests into prompt tokens.
+
+Chat requests are rendered with the model's own chat template from its GGUF metadata
+(the same Jinja2 formatter llama-cpp-python uses), so any GGUF works the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from daemons.bus.errors import RequestError
+from daemons.config import ModelConfig
+from daemons.infer.request import GenRequest
+
+log = logging.getLogger(__name__)
+
+# Used when a GGUF carries no chat template (ChatML, the most common convention).
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ModelError(Exception):
+    """The model file cannot be loaded."""
+
+
+class Model:
+    def __init__(self, llm: llama_cpp.Llama, path: Path) -> None:
+        self.llm = llm
+        self.path = path
+        self.n_ctx = llm.n_ctx()
+        model = llm._model
+        eos_id, bos_id = model.token_eos(), model.token_bos()
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            log.warning("%s has no chat template; using ChatML", path.name)
+        self.formatter = Jinja2ChatFormatter(
+            template=template or FALLBACK_TEMPLATE,
+            eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
+        )
+        self._vocab = model.vocab
+
+    @classmethod
+    def load(cls, path: Path, mc: ModelConfig) -> Model:
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=mc.n_ctx, n_threads=mc.threads, n_threads_batch=mc.threads,
+                n_batch=min(512, mc.n_ctx), flash_attn=mc.flash_attn, verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelError(f"cannot load {path}: {exc}") from exc
+        return cls(llm, path)
+
+    def describe(self) -> dict[str, Any]:
+        return {"file": self.path.name, "n_ctx": self.n_ctx, "n_params": self.llm._model.n_params()}
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def piece(self, token: int) -> bytes:
+        return bytes(self.llm._model.detokenize([token], special=False))
+
+    def prompt_tokens(self, req: GenRequest) -> list[int]:
+        if req.kind == "chat":
+            try:
+                rendered = self.formatter(messages=req.messages)  # type: ignore[arg-type]
+            except Exception as exc:  # the template's own raise_exception, or a Jinja error
+                raise RequestError(f"the model's chat template refused these messages: {exc}", 400)
+            return list(self.llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special,
+                                          special=True))
+        return list(self.llm.tokenize(req.prompt.encode(), add_bos=True, special=False))
+
+    def check_fits(self, prompt: list[int]) -> None:
+        if len(prompt) >= self.n_ctx:
+            raise RequestError(
+                f"prompt is {len(prompt)} tokens; this model's limit is {self.n_ctx - 1}", 400
+            )

@@ -1,0 +1,87 @@
+"""The bus body an inference worker takes, checked field by field.
+
+The router already validated the HTTP request; this checks again because any peer on
+the bus can send a REQUEST, and a bad one must get a 400, not crash the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from daemons.bus.errors import RequestError
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    kind: str  # "chat" | "completion"
+    messages: list[dict[str, str]]
+    prompt: str
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    frequency_penalty: float
+    presence_penalty: float
+    repeat_penalty: float
+    seed: int | None
+    stop: list[str]
+
+
+def _num(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise RequestError(f"{key} must be a number in [{lo}, {hi}]", 400)
+    return float(value)
+
+
+def _opt_int(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise RequestError(f"{key} must be an integer in [{lo}, {hi}]", 400)
+    return value
+
+
+def parse(body: dict[str, Any]) -> GenRequest:
+    kind = body.get("kind")
+    messages: list[dict[str, str]] = []
+    prompt = ""
+    if kind == "chat":
+        raw = body.get("messages")
+        if not isinstance(raw, list) or not raw:
+            raise RequestError("messages must be a non-empty list", 400)
+        for m in raw:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise RequestError("each message needs a known role and string content", 400)
+            messages.append({"role": m["role"], "content": m["content"]})
+    elif kind == "completion":
+        prompt = body.get("prompt")  # type: ignore[assignment]
+        if not isinstance(prompt, str):
+            raise RequestError("prompt must be a string", 400)
+    else:
+        raise RequestError(f"unknown request kind {kind!r}", 400)
+    stop = body.get("stop") or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
+        raise RequestError("stop must be a list of up to 16 non-empty strings", 400)
+    return GenRequest(
+        kind=kind,
+        messages=messages,
+        prompt=prompt,
+        max_tokens=_opt_int(body, "max_tokens", 1, 1_000_000),
+        temperature=_num(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_num(body, "top_p", 1.0, 0.0, 1.0),
+        top_k=int(_num(body, "top_k", 0, 0, 100_000)),
+        min_p=_num(body, "min_p", 0.0, 0.0, 1.0),
+        frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
+        repeat_penalty=_num(body, "repeat_penalty", 1.0, 0.0, 10.0),
+        seed=_opt_int(body, "seed", 0, 2**63 - 1),
+        stop=list(stop),
+    )

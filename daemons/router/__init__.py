@@ -1,0 +1,1 @@
+"""onebox-router: OpenAI-compatible HTTP API and bus broker."""

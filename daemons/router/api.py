@@ -1,0 +1,246 @@
+"""The OpenAI-compatible HTTP API: models, chat completions, completions, health."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from daemons.bus.broker import Broker, Call
+from daemons.bus.errors import BusError
+from daemons.config import Config
+from daemons.router import errors
+from daemons.router.errors import APIError
+from daemons.router.schemas import ChatRequest, CompletionRequest, Sampling
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def infer_service(model: str) -> str:
+    return f"infer/{model}"
+
+
+class BodyLimit:
+    """Refuse bodies larger than the configured limit before anything reads them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > self.limit:
+                err = APIError(413, f"request body larger than {self.limit} bytes", "body_too_large")
+                await errors.error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def parse_body(model: type[M], raw: bytes) -> M:
+    """Parse a JSON body whatever its Content-Type (curl -d sends a form type)."""
+    try:
+        return model.model_validate_json(raw or b"null")
+    except ValidationError as exc:
+        message, param = errors.describe(list(exc.errors()))
+        raise APIError(400, message, "invalid_request", param)
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def create_app(config: Config, broker: Broker) -> FastAPI:
+    app = FastAPI(title="onebox", version="0.1.0", docs_url=None, redoc_url=None)
+    errors.install(app)
+    app.add_middleware(BodyLimit, limit=config.router.max_body_bytes)
+    rc = config.router
+
+    def deadline_for(request: Request) -> float:
+        timeout = rc.request_timeout_s
+        header = request.headers.get("x-request-timeout")
+        if header is not None:
+            try:
+                timeout = float(header)
+            except ValueError:
+                raise APIError(400, "X-Request-Timeout must be a number of seconds", "invalid_header")
+            if not 0 < timeout <= rc.max_request_timeout_s:
+                raise APIError(400, f"X-Request-Timeout must be in (0, {rc.max_request_timeout_s:g}]",
+                               "invalid_header")
+        return time.time() + timeout
+
+    def check_model(model: str) -> str:
+        if model not in config.models:
+            raise APIError(404, f"The model '{model}' does not exist", "model_not_found", "model")
+        service = infer_service(model)
+        if not broker.live(service):
+            raise APIError(503, f"model '{model}' has no live worker (starting, restarting or stopped)",
+                           "no_worker", headers={"Retry-After": str(rc.retry_after_s)})
+        return service
+
+    async def open_call(service: str, body: dict[str, Any], deadline: float) -> Call:
+        try:
+            return await broker.call(service, body, deadline)
+        except BusError as exc:
+            raise errors.from_bus(exc, rc.retry_after_s)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        models = {name: len(broker.live(infer_service(name))) for name in config.models}
+        ok = all(models.values())
+        body = {"ready": ok, "workers": models}
+        headers = {} if ok else {"Retry-After": str(rc.retry_after_s)}
+        return JSONResponse(body, 200 if ok else 503, headers=headers)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "onebox",
+                 "ready": bool(broker.live(infer_service(name)))}
+                for name in config.models
+            ],
+        }
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> Response:
+        req = parse_body(ChatRequest, await request.body())
+        return await generate(req, req.body(), request, chat=True)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        req = parse_body(CompletionRequest, await request.body())
+        return await generate(req, req.body(), request, chat=False)
+
+    async def generate(req: Sampling, body: dict[str, Any], request: Request, chat: bool) -> Response:
+        deadline = deadline_for(request)
+        service = check_model(req.model)
+        call = await open_call(service, body, deadline)
+        shape = Shape(req.model, call.id, chat)
+        replies = aiter(call)
+        try:
+            # Wait for the worker's first reply so that a refusal (prompt too long,
+            # overload) is a real HTTP status, not an error event inside a 200 stream.
+            first = await anext(replies)
+        except BusError as exc:
+            await call.close()
+            raise errors.from_bus(exc, rc.retry_after_s)
+        except BaseException:
+            await call.close()
+            raise
+        if req.stream:
+            return StreamingResponse(
+                stream(call, replies, first, shape, req.include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        text: list[str] = []
+        final: dict[str, Any] = {}
+        try:
+            kind, data = first
+            while True:
+                if kind == "partial":
+                    text.append(str(data.get("text", "")))
+                else:
+                    final = data
+                    break
+                kind, data = await anext(replies)
+        except BusError as exc:
+            raise errors.from_bus(exc, rc.retry_after_s)
+        finally:
+            await call.close()
+        return JSONResponse(shape.whole("".join(text), final))
+
+    async def stream(call: Call, replies: AsyncIterator[tuple[str, dict[str, Any]]],
+                     first: tuple[str, dict[str, Any]], shape: Shape, include_usage: bool) -> AsyncIterator[bytes]:
+        try:
+            yield sse(shape.chunk({"role": "assistant", "content": ""} if shape.chat else {"text": ""}, None))
+            kind, data = first
+            while True:
+                if kind == "partial":
+                    if data.get("text"):
+                        yield sse(shape.chunk(shape.delta(str(data["text"])), None))
+                    kind, data = await anext(replies)
+                    continue
+                yield sse(shape.chunk(shape.delta(""), data.get("finish_reason", "stop")))
+                if include_usage:
+                    yield sse(shape.usage_chunk(data.get("usage", {})))
+                break
+            yield sse("[DONE]")
+        except BusError as exc:
+            err = errors.from_bus(exc, rc.retry_after_s)
+            log.warning("stream %s ended with %d: %s", call.id, err.status, err.message)
+            yield sse(errors.error_body(err.status, err.message, err.code))
+        finally:
+            # Reached on normal end, on error, and when the client disconnects (the
+            # response task is cancelled): an unfinished call sends CANCEL to the worker.
+            await call.close()
+
+    return app
+
+
+class Shape:
+    """Builds OpenAI response objects for one call."""
+
+    def __init__(self, model: str, call_id: str, chat: bool) -> None:
+        self.model = model
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + call_id
+        self.object = "chat.completion" if chat else "text_completion"
+        self.created = int(time.time())
+
+    def delta(self, text: str) -> dict[str, Any]:
+        return {"content": text} if self.chat else {"text": text}
+
+    def chunk(self, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if self.chat:
+            choice["delta"] = delta if finish is None else {}
+        else:
+            choice["text"] = delta.get("text", "")
+        return {
+            "id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created, "model": self.model, "choices": [choice],
+        }
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created, "model": self.model, "choices": [], "usage": self.usage(usage),
+        }
+
+    @staticmethod
+    def usage(usage: dict[str, Any]) -> dict[str, int]:
+        prompt = int(usage.get("prompt_tokens", 0))
+        completion = int(usage.get("completion_tokens", 0))
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def whole(self, text: str, final: dict[str, Any]) -> dict[str, Any]:
+        finish = final.get("finish_reason", "stop")
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0, "message": {"role": "assistant", "content": text},
+                "finish_reason": finish, "logprobs": None,
+            }
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        return {
+            "id": self.id, "object": self.object, "created": self.created, "model": self.model,
+            "choices": [choice], "usage": self.usage(final.get("usage", {})),
+        }

@@ -1,0 +1,84 @@
+"""OpenAI-style error bodies and the handlers that make every failure one."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from daemons.bus.errors import BusError
+
+log = logging.getLogger(__name__)
+
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": TYPES.get(status, "server_error"), "param": param, "code": code}}
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(error_body(err.status, err.message, err.code, err.param), err.status, headers=err.headers)
+
+
+def from_bus(exc: BusError, retry_after: int) -> APIError:
+    headers = {"Retry-After": str(retry_after)} if exc.code in (429, 503) else {}
+    code = {503: "no_worker", 504: "deadline_exceeded", 429: "overloaded"}.get(exc.code)
+    return APIError(exc.code, exc.message, code, headers=headers)
+
+
+def describe(errors: list[Any]) -> tuple[str, str | None]:
+    first = errors[0] if errors else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}", None
+    if not loc and first.get("type") in ("model_type", "model_attributes_type"):
+        return "request body must be a JSON object", None
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid request")
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe(list(exc.errors()))
+        return error_response(APIError(400, message, "invalid_request", param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error serving %s %s", request.method, request.url.path)
+        return error_response(APIError(500, "internal error in the router; see its log", "internal_error"))
