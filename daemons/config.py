@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from daemons import cpu
+
 DEFAULT_CONFIG = Path("/etc/onebox/onebox.toml")
 
 
@@ -136,6 +138,10 @@ class ModelConfig:
     flash_attn: bool = False
     # Engine: "simple" (one request at a time).
     engine: str = "simple"
+    # CPUs for the decode ("feeder") thread, e.g. "0-1"; empty leaves it unpinned.
+    feeder_cpus: str = ""
+    # >0: the feeder switches itself to SCHED_FIFO at this priority (needs CAP_SYS_NICE).
+    feeder_priority: int = 0
 
     def check(self, key: str) -> None:
         if not self.path:
@@ -148,6 +154,12 @@ class ModelConfig:
             raise ConfigError(f"models.{key}.capacity: must be between 1 and 4096")
         if self.default_max_tokens < 1:
             raise ConfigError(f"models.{key}.default_max_tokens: must be positive")
+        if not 0 <= self.feeder_priority <= 99:
+            raise ConfigError(f"models.{key}.feeder_priority: must be between 0 and 99")
+        try:
+            cpu.parse_cpus(self.feeder_cpus)
+        except ValueError as exc:
+            raise ConfigError(f"models.{key}.feeder_cpus: {exc}")
         if self.engine not in ("simple",):
             raise ConfigError(f"models.{key}.engine: unknown engine {self.engine!r}")
 

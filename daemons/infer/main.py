@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     service_name = f"infer/{args.model}"
     worker = Worker(ctx, config.paths.bus_endpoint, service_name, mc.capacity, config.bus,
                     meta={"model": args.model, "n_ctx": model.n_ctx, "engine": mc.engine})
-    engine = SimpleEngine(model, mc, worker.emitter)
+    # Under systemd the watchdog interval bounds how long a decode step may stall.
+    stall = min(30.0, 2 * notifier.watchdog_interval) if notifier.watchdog_interval else 30.0
+    engine = SimpleEngine(model, mc, worker.emitter, stall_limit=stall)
     hang = os.environ.get(HANG_FILE_ENV)
     if hang:
         log.warning("test hook %s=%s is set: the feeder blocks while that file exists", HANG_FILE_ENV, hang)

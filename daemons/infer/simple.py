@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from daemons import cpu
 from daemons.bus.errors import RequestError
 from daemons.bus.worker import Emitter, Request
 from daemons.config import ModelConfig
@@ -22,12 +23,14 @@ from daemons.infer.textstream import StopMatcher, Utf8Stream
 
 log = logging.getLogger(__name__)
 
-# A loop that has not come round for this long is hung (the watchdog stops).
-STALL_LIMIT_S = 30.0
+# A loop that has not come round for this long is hung (the watchdog pings stop).
+DEFAULT_STALL_LIMIT_S = 30.0
 
 
 class SimpleEngine:
-    def __init__(self, model: Model, mc: ModelConfig, emitter: Emitter) -> None:
+    def __init__(self, model: Model, mc: ModelConfig, emitter: Emitter,
+                 stall_limit: float = DEFAULT_STALL_LIMIT_S) -> None:
+        self.stall_limit = stall_limit
         self.model = model
         self.mc = mc
         self.emit = emitter
@@ -56,7 +59,7 @@ class SimpleEngine:
             self._cancelled.add(request_id)
 
     def alive(self) -> bool:
-        return time.monotonic() - self.beat < STALL_LIMIT_S
+        return time.monotonic() - self.beat < self.stall_limit
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -74,6 +77,8 @@ class SimpleEngine:
     # -- the loop ----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        cpu.pin_current_thread(cpu.parse_cpus(self.mc.feeder_cpus))
+        cpu.set_fifo_current_thread(self.mc.feeder_priority)
         while not self._stop.is_set():
             self.beat = time.monotonic()
             if self.on_turn is not None:
