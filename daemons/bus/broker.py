@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from daemons.bus import protocol as p
+from daemons.bus.droplog import DropLog
 from daemons.bus.errors import BusError, DeadlineExceeded, NoWorker, RemoteError, WorkerLost
 from daemons.config import BusConfig
 
@@ -37,6 +38,8 @@ class WorkerInfo:
     expiry: float
     meta: dict[str, Any] = field(default_factory=dict)
     inflight: set[str] = field(default_factory=set)
+    # Said DISCONNECT with requests still in flight: gets no new ones, finishes those.
+    draining: bool = False
 
     def describe(self) -> str:
         return f"{self.service} worker pid {self.pid}"
@@ -98,8 +101,7 @@ class Broker:
         self._calls: dict[str, Call] = {}
         self._room = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
-        self._dropped = 0
-        self._last_drop_log = 0.0
+        self.drops = DropLog(log, "bus message")
         self.last_loop = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -136,7 +138,8 @@ class Broker:
 
     def live(self, service: str) -> list[WorkerInfo]:
         now = time.monotonic()
-        return [w for w in self.workers.values() if w.service == service and w.expiry > now]
+        return [w for w in self.workers.values()
+                if w.service == service and w.expiry > now and not w.draining]
 
     def services(self) -> dict[str, list[WorkerInfo]]:
         out: dict[str, list[WorkerInfo]] = {}
@@ -196,25 +199,13 @@ class Broker:
         except zmq.ZMQError as exc:
             log.warning("could not send %s to a worker: %s", p.NAMES[command], exc)
 
-    def _drop(self, identity: bytes, reason: str) -> None:
-        # A flood of junk must not flood the journal: one line per second at most.
-        self._dropped += 1
-        now = time.monotonic()
-        if now - self._last_drop_log >= 1.0:
-            log.warning(
-                "dropped malformed bus message from peer %s: %s (%d dropped since last report)",
-                identity.hex()[:16], reason, self._dropped,
-            )
-            self._dropped = 0
-            self._last_drop_log = now
-
     async def _recv_loop(self) -> None:
         assert self._sock is not None
         while True:
             frames = await self._sock.recv_multipart(copy=True)
             self.last_loop = time.monotonic()
             if len(frames) < 2:
-                self._drop(b"?", "no routing identity")
+                self.drops.drop("unknown peer", "no routing identity")
                 continue
             identity, rest = frames[0], frames[1:]
             try:
@@ -223,7 +214,7 @@ class Broker:
                     raise p.ProtocolError(f"{msg.name} is not sent by workers")
                 await self._handle(identity, msg)
             except p.ProtocolError as exc:
-                self._drop(identity, str(exc))
+                self.drops.drop(f"peer {identity.hex()[:16]}", str(exc))
             except Exception:
                 # A bug in handling one message must not take the broker down.
                 log.exception("error handling a bus message; dropped")
@@ -256,18 +247,26 @@ class Broker:
         if msg.command == p.HEARTBEAT:
             return
         if msg.command == p.DISCONNECT:
-            log.info("%s disconnected: %s", worker.describe(), msg.header["reason"])
-            self._lose(worker, f"disconnected ({msg.header['reason']})")
+            if worker.inflight:
+                log.info("%s draining %d request(s): %s", worker.describe(), len(worker.inflight),
+                         msg.header["reason"])
+                worker.draining = True
+            else:
+                log.info("%s disconnected: %s", worker.describe(), msg.header["reason"])
+                self._lose(worker, f"disconnected ({msg.header['reason']})")
             return
         call_id = msg.header["id"]
         call = self._calls.get(call_id)
         if call is None or call.worker is not worker:
             return  # a late reply to a call already cancelled or timed out
+        call.deliver(msg)
         if msg.command in (p.FINAL, p.ERROR):
             worker.inflight.discard(call_id)
             self._calls.pop(call_id, None)
+            if worker.draining and not worker.inflight:
+                log.info("%s finished draining", worker.describe())
+                self._lose(worker, "finished draining")
             await self._notify_room()
-        call.deliver(msg)
 
     def _lose(self, worker: WorkerInfo, why: str) -> None:
         self.workers.pop(worker.identity, None)

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import zmq
 
 from daemons.bus import protocol as p
+from daemons.bus.droplog import DropLog
 from daemons.bus.errors import RequestError
 from daemons.config import BusConfig
 
@@ -119,6 +120,7 @@ class Worker:
         self._broker_expiry = 0.0
         self._next_heartbeat = 0.0
         self._draining = False
+        self.drops = DropLog(log, "message")
 
     # -- connection ------------------------------------------------------------------
 
@@ -169,11 +171,13 @@ class Worker:
             if self._draining:
                 assert stop_at is not None
                 if not self.active or stop >= 2 or time.monotonic() >= stop_at:
+                    if self.active:
+                        log.warning("shutdown deadline: cancelling %d request(s)", len(self.active))
                     for request_id in list(self.active):
                         handler.cancel(request_id)
+                        self.emitter.error(request_id, 503, f"{self.service} worker shut down before finishing")
                     self._forward_outbox()
-                    if self.active:
-                        log.warning("shutdown deadline: cancelled %d request(s)", len(self.active))
+                    self._send(p.DISCONNECT, {"reason": "worker stopped"})
                     return
             self._step(handler)
             on_tick()
@@ -230,7 +234,7 @@ class Worker:
                 if msg.command not in p.FROM_BROKER:
                     raise p.ProtocolError(f"{msg.name} is not sent by the broker")
             except p.ProtocolError as exc:
-                log.warning("dropped malformed message from the broker: %s", exc)
+                self.drops.drop("the broker", str(exc))
                 continue
             try:
                 self._handle(handler, msg)

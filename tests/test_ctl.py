@@ -1,0 +1,179 @@
+"""The `onebox` command: up, --help for every subcommand, config errors, sd_notify."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from daemons.ctl.main import COMMANDS
+from tests.harness import Suite, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+ONEBOX = [sys.executable, "-m", "daemons.ctl.main"]
+
+
+def clean_env(directory: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONEBOX") and k != "NOTIFY_SOCKET"}
+    env["ONEBOX_RUNTIME_DIR"] = str(directory / "run")
+    env["ONEBOX_STATE_DIR"] = str(directory / "state")
+    return env
+
+
+def read_until(proc: subprocess.Popen[str], needle: str, timeout: float) -> str:
+    assert proc.stdout is not None
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{needle!r} not printed within {timeout} s; got:\n{seen}"
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        if ready:
+            line = proc.stdout.readline()
+            assert line, f"output ended before {needle!r}:\n{seen}"
+            seen += line
+    return seen
+
+
+def start_up(directory: Path) -> subprocess.Popen[str]:
+    # The checkout's default config, with sockets and state moved by the environment.
+    return subprocess.Popen(ONEBOX + ["up", "--config", str(ROOT / "etc/onebox/onebox.toml")],
+                            env=clean_env(directory), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    if proc.stdout:
+        proc.stdout.close()
+
+
+def test_up_serves_then_stops_on_sigterm(fresh_dir: Path) -> None:
+    proc = start_up(fresh_dir)
+    try:
+        out = read_until(proc, "Ctrl-C stops everything", 90)
+        sock = fresh_dir / "run" / "api.sock"
+        assert f"API socket: {sock}" in out
+        assert "curl --unix-socket" in out
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://x", timeout=60) as c:
+            r = c.post("/v1/chat/completions", json={"model": "smollm2", "max_tokens": 4,
+                                                     "messages": [{"role": "user", "content": "Hi"}]})
+            assert r.status_code == 200
+            assert r.json()["choices"][0]["message"]["content"]
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 0, rest
+        assert "router exited with code 0" in rest
+        assert "infer@smollm2 exited with code 0" in rest
+    finally:
+        stop(proc)
+
+
+def test_up_reports_which_child_died_and_stops_the_rest(fresh_dir: Path) -> None:
+    proc = start_up(fresh_dir)
+    try:
+        out = read_until(proc, "Ctrl-C stops everything", 90)
+        pid = int(re.search(r"infer@smollm2 ready \(pid (\d+)\)", out).group(1))  # type: ignore[union-attr]
+        router_pid = int(re.search(r"router ready \(pid (\d+)\)", out).group(1))  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGKILL)
+        rest = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 1
+        assert "infer@smollm2 was killed by SIGKILL" in rest
+        assert "router exited with code 0" in rest
+        assert not Path(f"/proc/{router_pid}").exists() or "zombie" in Path(f"/proc/{router_pid}/status").read_text()
+    finally:
+        stop(proc)
+
+
+def test_every_command_has_help_and_is_in_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    top = subprocess.run(ONEBOX + ["--help"], capture_output=True, text=True)
+    assert top.returncode == 0
+    for name in COMMANDS:
+        r = subprocess.run(ONEBOX + [name, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert f"usage: onebox {name}" in r.stdout
+        assert name in top.stdout
+        assert f"`onebox {name}" in readme, f"onebox {name} is not documented in README.md"
+
+
+def test_unknown_command_is_an_error() -> None:
+    r = subprocess.run(ONEBOX + ["frobnicate"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "invalid choice" in r.stderr
+
+
+def test_bad_config_exits_78_saying_what_and_where(fresh_dir: Path) -> None:
+    bad = fresh_dir / "bad.toml"
+    cases = {
+        "[router]\nsocket_mode = 660\n": "router.socket_mode: expected str",
+        "[router]\ntcp = \"nonsense\"\n": "router.tcp: expected HOST:PORT",
+        "[rooter]\n": "unknown section [rooter]",
+        "[bus]\nheartbeat_interval_s = 0\n": "bus.heartbeat_interval_s",
+        "not toml [": "not valid TOML",
+    }
+    env = clean_env(fresh_dir)
+    for text, needle in cases.items():
+        bad.write_text(text)
+        for argv in (["router"], ["infer", "smollm2"], ["up"]):
+            r = subprocess.run(ONEBOX + argv + ["--config", str(bad)], capture_output=True, text=True, env=env,
+                               timeout=30)
+            assert r.returncode == 78, (argv, text, r.stderr)
+            assert str(bad) in r.stderr and needle in r.stderr, r.stderr
+    r = subprocess.run(ONEBOX + ["infer", "nosuch", "--config", str(ROOT / "etc/onebox/onebox.toml")],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 78 and "no [models.nosuch]" in r.stderr
+    missing = write_config(fresh_dir, model={"path": "no/such/model.gguf"})
+    r = subprocess.run(ONEBOX + ["infer", "smollm2", "--config", str(missing)],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 78 and "not found in" in r.stderr
+    r = subprocess.run(ONEBOX + ["router", "--config", str(fresh_dir / "absent.toml")],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 78 and "config file not found" in r.stderr
+
+
+def test_env_overrides_reach_the_config(fresh_dir: Path) -> None:
+    from daemons import config
+
+    cfg = config.load(ROOT / "etc/onebox/onebox.toml", {
+        "ONEBOX_RUNTIME_DIR": "/tmp/x", "ONEBOX__ROUTER__TCP": "127.0.0.1:9999",
+        "ONEBOX__MODELS__SMOLLM2__N_CTX": "1024",
+    })
+    assert cfg.paths.runtime_dir == "/tmp/x"
+    assert cfg.router.tcp == "127.0.0.1:9999"
+    assert cfg.models["smollm2"].n_ctx == 1024
+
+
+def test_journal_priorities_and_watchdog_follow_progress(fresh_dir: Path) -> None:
+    """Under systemd-like env: <N> line prefixes, WATCHDOG=1 while the feeder runs, none once it hangs."""
+    suite = Suite(fresh_dir)
+    hang = fresh_dir / "hang"
+    try:
+        child = suite.start_infer(env={"JOURNAL_STREAM": "8:12345", "WATCHDOG_USEC": "400000",
+                                       "ONEBOX_TEST_HANG_FILE": str(hang)})
+        time.sleep(1.0)
+        pings = [line for line in child.read_notify() if line == "WATCHDOG=1"]
+        assert len(pings) >= 3, pings
+        hang.touch()
+        time.sleep(1.0)
+        child.read_notify()
+        time.sleep(1.5)
+        assert "WATCHDOG=1" not in child.read_notify(), "watchdog still fed while the feeder is hung"
+        hang.unlink()
+        time.sleep(1.0)
+        assert "WATCHDOG=1" in child.read_notify()
+        lines = [line for line in suite.log_text("infer@smollm2").splitlines() if line]
+        assert lines and all(re.match(r"<[0-7]>", line) for line in lines), lines[:5]
+        assert any(line.startswith("<4>") for line in lines)  # the test-hook warning
+        assert any(line.startswith("<6>") for line in lines)
+    finally:
+        suite.stop()
