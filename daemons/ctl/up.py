@@ -8,6 +8,7 @@ when any child dies (supervision is systemd's job in production, not this one's)
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -85,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", type=Path, help="config file (default: the checkout's etc/onebox/onebox.toml)")
     args = parser.parse_args(argv)
-    import os
-
     env = dev_env(dict(os.environ))
     config_path = (args.config or default_config()).resolve()
     try:
