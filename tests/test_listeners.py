@@ -1,0 +1,37 @@
+"""Where the router listens: the Unix socket with its mode, and optional loopback TCP."""
+
+from __future__ import annotations
+
+import socket
+import stat
+from pathlib import Path
+
+import httpx
+
+from tests.harness import Suite, write_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_socket_modes_and_tcp(fresh_dir: Path) -> None:
+    port = free_port()
+    config = write_config(fresh_dir, extra=f'[router]\ntcp = "127.0.0.1:{port}"\nsocket_mode = "0640"\n')
+    suite = Suite(fresh_dir, config)
+    try:
+        router = suite.start_router()
+        assert f"http://127.0.0.1:{port}" in router.status, router.status
+        assert stat.S_IMODE((fresh_dir / "run" / "api.sock").stat().st_mode) == 0o640
+        assert stat.S_IMODE((fresh_dir / "run" / "bus.sock").stat().st_mode) == 0o600
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            assert c.get("/health").json() == {"status": "ok"}
+            # No worker yet: a clear 503 with Retry-After, over TCP as over the socket.
+            r = c.post("/v1/completions", json={"model": "smollm2", "prompt": "x"})
+            assert r.status_code == 503 and "Retry-After" in r.headers
+        suite.stop()
+        assert not (fresh_dir / "run" / "api.sock").exists(), "api.sock left behind after a clean stop"
+    finally:
+        suite.stop()
