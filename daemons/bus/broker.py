@@ -171,7 +171,11 @@ class Broker:
             worker.inflight.add(call.id)
         call.worker = worker
         self._calls[call.id] = call
-        await self._send(worker.identity, p.REQUEST, {"id": call.id, "deadline": deadline, "body": body})
+        try:
+            await self._send(worker.identity, p.REQUEST, {"id": call.id, "deadline": deadline, "body": body})
+        except BaseException:
+            await call.close()  # the HTTP request was cancelled mid-send: give the slot back
+            raise
         return call
 
     async def release(self, call: Call, cancel: bool) -> None:
