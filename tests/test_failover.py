@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.harness import Suite
+from tests.harness import Suite, running_suite
 
 REQ = {"model": "smollm2", "prompt": "Hello", "max_tokens": 2}
 
@@ -28,11 +28,8 @@ def status(c: httpx.Client) -> int:
 
 
 def test_killed_worker_gives_503_then_restart_is_used(fresh_dir: Path) -> None:
-    suite = Suite(fresh_dir)
-    try:
-        suite.start_router()
-        infer = suite.start_infer()
-        suite.wait_api_ready()
+    with running_suite(fresh_dir) as suite:
+        infer = suite.children["infer@smollm2"]
         with suite.client(timeout=30) as c:
             assert status(c) == 200
             # A long request in flight when the worker dies must end, not hang.
@@ -68,16 +65,11 @@ def test_killed_worker_gives_503_then_restart_is_used(fresh_dir: Path) -> None:
             assert status(c) == 200
             assert suite.children["router"].pid == router_pid
             assert suite.children["router"].exit_code() is None
-    finally:
-        suite.stop()
 
 
 def test_router_restart_worker_reregisters(fresh_dir: Path) -> None:
-    suite = Suite(fresh_dir)
-    try:
-        suite.start_router()
-        infer = suite.start_infer()
-        suite.wait_api_ready()
+    with running_suite(fresh_dir) as suite:
+        infer = suite.children["infer@smollm2"]
         with suite.client(timeout=30) as c:
             assert status(c) == 200
         assert suite.children["router"].stop(10) == 0
@@ -88,8 +80,6 @@ def test_router_restart_worker_reregisters(fresh_dir: Path) -> None:
             assert status(c) == 200
         assert infer.exit_code() is None
         assert "re-registering" in suite.log_text("infer@smollm2")
-    finally:
-        suite.stop()
 
 
 def test_worker_started_before_router_registers(fresh_dir: Path) -> None:
@@ -105,11 +95,8 @@ def test_worker_started_before_router_registers(fresh_dir: Path) -> None:
 
 
 def test_sigterm_drains_in_flight_request(fresh_dir: Path) -> None:
-    suite = Suite(fresh_dir)
-    try:
-        suite.start_router()
-        infer = suite.start_infer()
-        suite.wait_api_ready()
+    with running_suite(fresh_dir) as suite:
+        infer = suite.children["infer@smollm2"]
         result: dict[str, object] = {}
 
         def request() -> None:
@@ -126,5 +113,3 @@ def test_sigterm_drains_in_flight_request(fresh_dir: Path) -> None:
         wait_for(lambda: infer.exit_code() is not None, 15, "the worker to exit")
         assert infer.exit_code() == 0
         assert "draining" in suite.log_text("infer@smollm2")
-    finally:
-        suite.stop()
