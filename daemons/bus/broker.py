@@ -38,6 +38,8 @@ class WorkerInfo:
     expiry: float
     meta: dict[str, Any] = field(default_factory=dict)
     inflight: set[str] = field(default_factory=set)
+    # The latest engine state the worker sent with a heartbeat (may be empty).
+    status: dict[str, Any] = field(default_factory=dict)
     # Said DISCONNECT with requests still in flight: gets no new ones, finishes those.
     draining: bool = False
 
@@ -249,6 +251,8 @@ class Broker:
             return
         worker.expiry = now + worker.heartbeat_s * self.bus.heartbeat_liveness
         if msg.command == p.HEARTBEAT:
+            if isinstance(msg.header.get("status"), dict):
+                worker.status = msg.header["status"]
             return
         if msg.command == p.DISCONNECT:
             if worker.inflight:

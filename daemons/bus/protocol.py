@@ -8,7 +8,8 @@ connect a DEALER to the broker's ROUTER; every message is three frames:
 Commands and their required header fields:
 
     READY      worker -> broker   version, service, capacity, heartbeat_ms, pid
-    HEARTBEAT  both ways          (none)
+    HEARTBEAT  both ways          (none); optional status (map): a worker's engine
+                                  state (slots, KV cells, queue...) for GET /v1/status
     REQUEST    broker -> worker   id, deadline (unix time, float), body (map)
     PARTIAL    worker -> broker   id, data (map)        one piece of a streamed reply
     FINAL      worker -> broker   id, data (map)        the last piece; closes the request
@@ -62,6 +63,11 @@ SCHEMA: dict[bytes, dict[str, type | tuple[type, ...]]] = {
     ERROR: {"id": str, "code": int, "message": str},
     CANCEL: {"id": str},
     DISCONNECT: {"reason": str},
+}
+
+# Optional header fields: checked when present.
+OPTIONAL: dict[bytes, dict[str, type | tuple[type, ...]]] = {
+    HEARTBEAT: {"status": dict},
 }
 
 # Commands each side may receive.
@@ -130,6 +136,10 @@ def _validate(command: bytes, header: dict[str, Any]) -> None:
             raise ProtocolError(f"{NAMES[command]}: missing field {key!r}")
         value = header[key]
         if isinstance(value, bool) or not isinstance(value, kind):
+            raise ProtocolError(f"{NAMES[command]}: field {key!r} has type {type(value).__name__}")
+    for key, kind in OPTIONAL.get(command, {}).items():
+        value = header.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
             raise ProtocolError(f"{NAMES[command]}: field {key!r} has type {type(value).__name__}")
     ident = header.get("id")
     if isinstance(ident, str) and not 0 < len(ident) <= MAX_ID_LEN:

@@ -120,6 +120,8 @@ class Worker:
         self._broker_expiry = 0.0
         self._next_heartbeat = 0.0
         self._draining = False
+        # Optional: the engine's state, sent with each heartbeat (GET /v1/status).
+        self.status_provider: Callable[[], dict[str, Any]] | None = None
         self.drops = DropLog(log, "message")
 
     # -- connection ------------------------------------------------------------------
@@ -196,7 +198,7 @@ class Worker:
             self._receive(handler)
         now = time.monotonic()
         if now >= self._next_heartbeat:
-            self._send(p.HEARTBEAT, {})
+            self._send(p.HEARTBEAT, {"status": self.status_provider()} if self.status_provider else {})
             self._next_heartbeat = now + self.bus.heartbeat_interval_s
         if now >= self._broker_expiry and not self._draining:
             log.warning("broker silent for %.1f s; re-registering", self._silence_limit())

@@ -118,6 +118,19 @@ def create_app(config: Config, broker: Broker) -> FastAPI:
             ],
         }
 
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        """Each model's live workers and their engine state (sent with heartbeats)."""
+        return {
+            "object": "status",
+            "models": {
+                name: {"workers": [{"pid": w.pid, "capacity": w.capacity, "in_flight": len(w.inflight),
+                                    "engine": w.meta.get("engine"), **w.status}
+                                   for w in broker.live(infer_service(name))]}
+                for name in config.models
+            },
+        }
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> Response:
         req = parse_body(ChatRequest, await request.body())
