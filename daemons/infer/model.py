@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+from llama_cpp import _internals as internals
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from daemons.bus.errors import RequestError
@@ -31,41 +32,61 @@ class ModelError(Exception):
 
 
 class Model:
-    def __init__(self, llm: llama_cpp.Llama, path: Path) -> None:
+    """Weights, vocab and chat template of one GGUF. `llama` (llama-cpp-python's
+    high-level object, with its own context) exists only for the simple engine; the
+    batch engine makes its own low-level context from `lm`."""
+
+    def __init__(self, lm: internals.LlamaModel, path: Path, n_ctx: int, llm: llama_cpp.Llama | None = None) -> None:
+        self.lm = lm
         self.llm = llm
         self.path = path
-        self.n_ctx = llm.n_ctx()
-        model = llm._model
-        eos_id, bos_id = model.token_eos(), model.token_bos()
-        template = llm.metadata.get("tokenizer.chat_template")
+        self.n_ctx = n_ctx
+        eos_id, bos_id = lm.token_eos(), lm.token_bos()
+        template = lm.metadata().get("tokenizer.chat_template")
         if not template:
             log.warning("%s has no chat template; using ChatML", path.name)
         self.formatter = Jinja2ChatFormatter(
             template=template or FALLBACK_TEMPLATE,
-            eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
-            bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
+            eos_token=lm.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=lm.token_get_text(bos_id) if bos_id != -1 else "",
         )
-        self._vocab = model.vocab
+        self._vocab = lm.vocab
+        self.n_vocab = lm.n_vocab()
 
     @classmethod
     def load(cls, path: Path, mc: ModelConfig) -> Model:
         try:
-            llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=mc.n_ctx, n_threads=mc.threads, n_threads_batch=mc.threads,
-                n_batch=min(512, mc.n_ctx), flash_attn=mc.flash_attn, verbose=False,
-            )
+            if mc.engine == "simple":
+                llm = llama_cpp.Llama(
+                    model_path=str(path), n_ctx=mc.n_ctx, n_threads=mc.threads, n_threads_batch=mc.threads,
+                    n_batch=min(512, mc.n_ctx), flash_attn=mc.flash_attn, verbose=False,
+                )
+                return cls(llm._model, path, llm.n_ctx(), llm)
+            lm = internals.LlamaModel(path_model=str(path), params=llama_cpp.llama_model_default_params(),
+                                      verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"cannot load {path}: {exc}") from exc
-        return cls(llm, path)
+        return cls(lm, path, mc.request_limit)
+
+    @property
+    def llama(self) -> llama_cpp.Llama:
+        if self.llm is None:
+            raise RuntimeError("this model was loaded without llama-cpp-python's high-level context")
+        return self.llm
+
+    @property
+    def size_bytes(self) -> int:
+        return int(self.lm.size())
 
     def describe(self) -> dict[str, Any]:
-        return {"file": self.path.name, "n_ctx": self.n_ctx, "n_params": self.llm._model.n_params()}
+        return {"file": self.path.name, "n_ctx": self.n_ctx, "n_params": self.lm.n_params(),
+                "desc": self.lm.desc()}
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     def piece(self, token: int) -> bytes:
-        return bytes(self.llm._model.detokenize([token], special=False))
+        return bytes(self.lm.detokenize([token], special=False))
 
     def prompt_tokens(self, req: GenRequest) -> list[int]:
         if req.kind == "chat":
@@ -73,9 +94,9 @@ class Model:
                 rendered = self.formatter(messages=req.messages)  # type: ignore[arg-type]
             except Exception as exc:  # the template's own raise_exception, or a Jinja error
                 raise RequestError(f"the model's chat template refused these messages: {exc}", 400)
-            return list(self.llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special,
-                                          special=True))
-        return list(self.llm.tokenize(req.prompt.encode(), add_bos=True, special=False))
+            return list(self.lm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special,
+                                         special=True))
+        return list(self.lm.tokenize(req.prompt.encode(), add_bos=True, special=False))
 
     def check_fits(self, prompt: list[int]) -> None:
         if len(prompt) >= self.n_ctx:

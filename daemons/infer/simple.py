@@ -118,14 +118,14 @@ class SimpleEngine:
         model.check_fits(prompt)
         limit = model.n_ctx - len(prompt)
         max_new = min(gen.max_tokens or self.mc.default_max_tokens, limit)
-        model.llm.set_seed(gen.seed if gen.seed is not None else random.getrandbits(32))
+        model.llama.set_seed(gen.seed if gen.seed is not None else random.getrandbits(32))
         utf8 = Utf8Stream()
         stops = StopMatcher(gen.stop)
         produced = 0
         finish = "length"
         hit = False
         started = time.monotonic()
-        for token in model.llm.generate(
+        for token in model.llama.generate(
             prompt, top_k=gen.top_k, top_p=gen.top_p, min_p=gen.min_p, temp=gen.temperature,
             repeat_penalty=gen.repeat_penalty, frequency_penalty=gen.frequency_penalty,
             presence_penalty=gen.presence_penalty, reset=True,

@@ -1,0 +1,468 @@
+"""The continuous-batching engine: many requests, one llama context, one KV-cell pool.
+
+The feeder thread owns every llama call. Each turn it takes new requests and cancels
+from the main thread, admits waiting requests while a sequence and enough cells are
+free (prompt + output reservation, minus what the prefix cache already holds), then
+runs one step: one llama_batch with the next token of every decoding sequence plus
+prompt chunks of prefilling ones, up to `step_tokens`; one llama_decode; each
+sequence sampled from its own logits with its own sampler chain.
+
+Cells are accounted in a `PrefixTree` (daemons/infer/prefix.py), so what admission
+promises is what llama.cpp has: a request never finds the pool full mid-generation
+(with the default full output reservation). Requests prefilling at the same time that
+share a prompt prefix compute it once: the later one waits while the earlier one
+decodes the shared part, then takes those cells by seq_cp.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+from daemons import cpu
+from daemons.bus.errors import RequestError
+from daemons.bus.worker import Emitter, Request
+from daemons.config import ModelConfig
+from daemons.infer import request as request_mod
+from daemons.infer.model import Model
+from daemons.infer.native import Context, KvFull, LlamaError, Pieces, Sampler
+from daemons.infer.prefix import PrefixTree
+from daemons.infer.seq import Pending, Seq
+from daemons.infer.textstream import StopMatcher
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STALL_LIMIT_S = 30.0
+RATE_WINDOW_S = 10.0
+
+
+class BatchEngine:
+    def __init__(self, model: Model, mc: ModelConfig, emitter: Emitter, ctx: Context,
+                 stall_limit: float = DEFAULT_STALL_LIMIT_S) -> None:
+        self.model = model
+        self.mc = mc
+        self.emit = emitter
+        self.ctx = ctx
+        self.stall_limit = stall_limit
+        self.pieces = Pieces(model.lm.vocab)
+        self.tree = PrefixTree()
+        self.kv_cells = ctx.n_cells
+        self.step_tokens = min(mc.step_tokens, ctx.n_batch)
+        self.cache_on = mc.cached_prefixes > 0
+        self._inbox: queue.SimpleQueue[tuple[Request, request_mod.GenRequest]] = queue.SimpleQueue()
+        self._cancels: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="feeder", daemon=True)
+        self.waiting: deque[Pending] = deque()
+        self.active: dict[int, Seq] = {}
+        self.cached: OrderedDict[int, float] = OrderedDict()
+        self.free_ids = list(range(ctx.n_seq_max - 1, -1, -1))
+        self._order = 0
+        self.beat = time.monotonic()
+        # Test-only hook: when set, the loop calls it each turn (used to hang the feeder).
+        self.on_turn: Callable[[], None] | None = None
+        # Counters (feeder thread writes, status readers only read).
+        self.served = 0
+        self.generated = 0
+        self.lookups = 0
+        self.hits = 0
+        self.tokens_saved = 0
+        self.steps = 0
+        self._rate: deque[tuple[float, int]] = deque()
+        self._snapshot: dict[str, Any] = {}
+        self._snapshot_at = 0.0
+
+    # -- Handler seam (main thread) ---------------------------------------------------
+
+    def submit(self, req: Request) -> None:
+        gen = request_mod.parse(req.body)
+        self._inbox.put((req, gen))
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancels.add(request_id)
+        self._wake.set()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and time.monotonic() - self.beat < self.stall_limit
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._refresh_snapshot(force=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            for s in list(self.active.values()):
+                s.sampler.close()
+            self.ctx.close()
+
+    def status(self) -> str:
+        st = self._snapshot
+        kv = st.get("kv_cells", {})
+        pc = st.get("prefix_cache", {})
+        return (f"{st.get('slots', {}).get('busy', 0)}/{self.mc.slots} slots busy, {st.get('queue', 0)} queued; "
+                f"KV {kv.get('used', 0)}/{self.kv_cells} cells ({kv.get('cached', 0)} cached); "
+                f"{st.get('tokens_per_s', 0.0):.1f} tokens/s; prefix hits {pc.get('hits', 0)}/{pc.get('lookups', 0)}; "
+                f"{self.served} served")
+
+    def status_map(self) -> dict[str, Any]:
+        return dict(self._snapshot)
+
+    # -- the loop (feeder thread) ---------------------------------------------------
+
+    def _loop(self) -> None:
+        cpu.pin_current_thread(cpu.parse_cpus(self.mc.feeder_cpus))
+        cpu.set_fifo_current_thread(self.mc.feeder_priority)
+        log.info("feeder running: %d slots, %d KV cells, %d tokens per step, %d cached prefixes",
+                 self.mc.slots, self.kv_cells, self.step_tokens, self.mc.cached_prefixes)
+        while not self._stop.is_set():
+            self.beat = time.monotonic()
+            if self.on_turn is not None:
+                self.on_turn()
+            try:
+                self._turn()
+            except Exception:
+                # A bug in one turn must not leave clients hanging: fail what is in
+                # flight, free it all, and go on (the watchdog still sees progress).
+                log.exception("engine turn failed; failing %d running request(s)", len(self.active))
+                for s in list(self.active.values()):
+                    self._fail(s, 500, "inference failed: internal error in the engine; see its log")
+            self._refresh_snapshot()
+
+    def _turn(self) -> None:
+        self._intake()
+        self._take_cancels()
+        self._expire()
+        self._admit()
+        if not self.active:
+            self._wake.wait(0.2)
+            self._wake.clear()
+            return
+        self._step()
+
+    # -- intake, cancel, deadlines ----------------------------------------------------
+
+    def _intake(self) -> None:
+        while True:
+            try:
+                req, gen = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                prompt = self.model.prompt_tokens(gen)
+                if not prompt:
+                    raise RequestError("the prompt is empty", 400)
+                self.model.check_fits(prompt)
+            except RequestError as exc:
+                self.emit.error(req.id, exc.code, exc.message)
+                continue
+            limit = self.model.n_ctx - len(prompt)
+            max_new = min(gen.max_tokens or self.mc.default_max_tokens, limit)
+            self.waiting.append(Pending(req, gen, prompt, max_new))
+
+    def _take_cancels(self) -> None:
+        with self._lock:
+            cancels, self._cancels = self._cancels, set()
+        for rid in cancels:
+            for p in list(self.waiting):
+                if p.req.id == rid:
+                    self.waiting.remove(p)
+                    log.info("request %s cancelled while waiting", rid)
+            for s in list(self.active.values()):
+                if s.req.id == rid:
+                    freed = self._release(s, keep=False)
+                    log.info("request %s cancelled after %d tokens; freed sequence %d and %d cells",
+                             rid, s.produced, s.id, freed)
+
+    def _expire(self) -> None:
+        now = time.time()
+        for p in list(self.waiting):
+            if now >= p.give_up_at():
+                self.waiting.remove(p)
+                self.emit.error(p.req.id, 503, (
+                    f"no sequence and KV cells came free before the deadline (waited "
+                    f"{time.monotonic() - p.arrived:.1f} s; {len(self.active)}/{self.mc.slots} slots busy, "
+                    f"{self._free_for_admission()} of {self.kv_cells} cells unreserved, {len(self.waiting)} waiting)"))
+        for s in list(self.active.values()):
+            if now > s.req.deadline:
+                self._fail(s, 504, f"deadline passed after {s.produced} generated tokens")
+
+    # -- admission ----------------------------------------------------------------------
+
+    def _reserve_out(self, max_new: int) -> int:
+        return max_new if self.mc.output_reserve == 0 else min(max_new, self.mc.output_reserve)
+
+    def _future(self) -> int:
+        """Cells running sequences may still take within their reservations."""
+        tree = self.tree
+        return sum(max(0, s.reserve_target - tree.length(s.id)) for s in self.active.values())
+
+    def _free_for_admission(self) -> int:
+        return self.kv_cells - self.tree.used - self._future()
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.active) < self.mc.slots:
+            p = self.waiting[0]
+            target = len(p.prompt) + self._reserve_out(p.max_new) - 1
+            m = self.tree.match(None, p.prompt, len(p.prompt) - 1) if self.cache_on else None
+            shared = m.length if m is not None else 0
+            need = max(1, target - shared)
+            free = self._free_for_admission()
+            if need > free:
+                if need > free + self.tree.evictable(set(self.cached), m.node if m else None):
+                    return  # first come, first served: the head waits for cells
+            if not self.free_ids:  # not with n_seq_max = slots + cached_prefixes; to be safe
+                self._evict_one()
+                continue
+            self.waiting.popleft()
+            sid = self.free_ids.pop()
+            self._order += 1
+            seed = p.gen.seed if p.gen.seed is not None else random.getrandbits(32)
+            s = Seq(id=sid, order=self._order, req=p.req, gen=p.gen, prompt=p.prompt, max_new=p.max_new,
+                    reserve_target=target, sampler=Sampler(p.gen, seed, self.model.n_vocab),
+                    stops=StopMatcher(p.gen.stop))
+            s.sampler.accept_prompt(p.prompt)
+            self.active[sid] = s
+            self.lookups += 1
+            if m is not None and shared:
+                self._attach(s, m)
+            while self._free_for_admission() < 0 and self.cached:
+                self._evict_one()
+            for other in self.active.values():
+                if other is not s and other.prefilling:
+                    n = _common_prefix(other.prompt, s.prompt, len(s.prompt) - 1)
+                    if n > shared:
+                        s.lcp[other.order] = n
+            log.debug("admitted %s as sequence %d: %d prompt tokens (%d cached), up to %d new",
+                      p.req.id, sid, len(p.prompt), shared, p.max_new)
+
+    def _attach(self, s: Seq, m: Any) -> None:
+        start = self.tree.length(s.id)
+        src = self.tree.attach(s.id, m)
+        if src is None:
+            return
+        self.ctx.seq_cp(src, s.id, start, m.length)
+        gained = m.length - start
+        if s.shared == 0:
+            self.hits += 1
+        s.shared += gained
+        self.tokens_saved += gained
+        for holder in m.node.holders:
+            if holder in self.cached:
+                self.cached.move_to_end(holder)
+
+    def _evict_one(self) -> int:
+        sid, _ = self.cached.popitem(last=False)
+        freed = self.tree.remove(sid)
+        self.ctx.seq_rm(sid)
+        self.free_ids.append(sid)
+        return freed
+
+    def _release(self, s: Seq, keep: bool) -> int:
+        """Take `s` out of the running set; keep its cells as a cached prefix or free them."""
+        self.active.pop(s.id, None)
+        s.sampler.close()
+        if keep and self.cache_on and self.tree.length(s.id):
+            self.cached[s.id] = time.monotonic()
+            while len(self.cached) > self.mc.cached_prefixes:
+                self._evict_one()
+            return 0
+        freed = self.tree.remove(s.id)
+        self.ctx.seq_rm(s.id)
+        self.free_ids.append(s.id)
+        return freed
+
+    def _fail(self, s: Seq, code: int, message: str) -> None:
+        self._release(s, keep=False)
+        self.emit.error(s.req.id, code, message)
+
+    # -- one decode step ----------------------------------------------------------------
+
+    def _waits_for_leader(self, s: Seq, pos: int) -> bool:
+        """True while an earlier request at the same point is decoding the prefix both
+        prompts share: those cells are taken by seq_cp once they exist."""
+        if not s.lcp:
+            return False
+        leaf = self.tree.leaf.get(s.id, self.tree.root)
+        for a in self.active.values():
+            n = s.lcp.get(a.order)
+            if (n is not None and n > pos and a.prefilling and a.order < s.order
+                    and self.tree.length(a.id) == pos and self.tree.holds(a.id, leaf)):
+                return True
+        return False
+
+    def _step(self) -> None:
+        batch = self.ctx.batch
+        batch.clear()
+        entries: list[tuple[Seq, list[int], int]] = []
+        tree = self.tree
+        for s in list(self.active.values()):
+            if s.pending is None:
+                continue
+            pos = tree.length(s.id)
+            if pos >= s.reserve_target and not self._room_beyond_reservation(s):
+                self._finish(s, "length")
+                continue
+            entries.append((s, [s.pending], batch.add(s.id, [s.pending], pos, True)))
+        budget = self.step_tokens - batch.n
+        for s in list(self.active.values()):
+            if budget <= 0:
+                break
+            if not s.prefilling:
+                continue
+            pos = tree.length(s.id)
+            if self.cache_on:
+                m = tree.match(s.id, s.prompt, len(s.prompt) - 1)
+                if m.length > pos:
+                    self._attach(s, m)
+                    pos = m.length
+            if self._waits_for_leader(s, pos):
+                continue
+            take = min(len(s.prompt) - pos, budget)
+            toks = s.prompt[pos:pos + take]
+            done = pos + take == len(s.prompt)
+            idx = batch.add(s.id, toks, pos, done)
+            entries.append((s, toks, idx if done else -1))
+            budget -= take
+        if not entries:
+            return
+        if not self._decode(entries):
+            return
+        for s, toks, _ in entries:
+            tree.append(s.id, toks)
+        self.steps += 1
+        now = time.monotonic()
+        produced = 0
+        for s, _, idx in entries:
+            if idx < 0 or self.active.get(s.id) is not s:
+                continue
+            token = s.sampler.sample(self.ctx, idx)
+            produced += 1
+            self._on_token(s, token, now)
+        self._rate.append((now, produced))
+
+    def _room_beyond_reservation(self, s: Seq) -> bool:
+        """A sequence past its output reservation may take an unreserved cell, evicting
+        cached prefixes for it; none left means it must stop."""
+        while self.kv_cells - self.tree.used - self._future() < 1:
+            if not self.cached:
+                log.warning("request %s: no free KV cell beyond its reservation; ending it early", s.req.id)
+                return False
+            self._evict_one()
+        return True
+
+    def _decode(self, entries: list[tuple[Seq, list[int], int]]) -> bool:
+        try:
+            self.ctx.decode()
+            return True
+        except KvFull as exc:
+            log.warning("%s with %d of %d cells in use by our count; evicting cached prefixes and retrying",
+                        exc, self.tree.used, self.kv_cells)
+            while self.cached:
+                self._evict_one()
+            try:
+                self.ctx.decode()
+                return True
+            except LlamaError as again:
+                log.error("%s; failing the %d request(s) in this step", again, len(entries))
+                code, message = 503, "the KV cache is full; try again"
+        except LlamaError as exc:
+            log.error("%s; failing the %d request(s) in this step", exc, len(entries))
+            code, message = 500, f"inference failed: {exc}"
+        for s, _, _ in entries:
+            if s.id in self.active:
+                self._fail(s, code, message)
+        return False
+
+    # -- output ---------------------------------------------------------------------
+
+    def _on_token(self, s: Seq, token: int, now: float) -> None:
+        if s.first_token_at is None:
+            s.first_token_at = now
+        if self.model.is_eog(token):
+            self._finish(s, "stop")
+            return
+        s.produced += 1
+        self.generated += 1
+        text, hit = s.stops.feed(s.utf8.feed(self.pieces(token)))
+        if text:
+            self.emit.partial(s.req.id, {"text": text})
+        if hit:
+            self._finish(s, "stop", flushed=True)
+        elif s.produced >= s.max_new:
+            self._finish(s, "length")
+        else:
+            s.pending = token
+
+    def _finish(self, s: Seq, reason: str, flushed: bool = False) -> None:
+        if not flushed:
+            tail, hit = s.stops.feed(s.utf8.flush())
+            tail = tail if hit else tail + s.stops.flush()
+            if hit:
+                reason = "stop"
+            if tail:
+                self.emit.partial(s.req.id, {"text": tail})
+        elapsed = time.monotonic() - s.started
+        ttft = (s.first_token_at or time.monotonic()) - s.started
+        self.emit.final(s.req.id, {
+            "finish_reason": reason,
+            "usage": {"prompt_tokens": len(s.prompt), "completion_tokens": s.produced},
+            "timings": {"seconds": round(elapsed, 4), "first_token_s": round(ttft, 4), "cached_tokens": s.shared},
+        })
+        self.served += 1
+        log.debug("request %s: %d prompt (%d cached) + %d generated tokens in %.2f s (%s)",
+                  s.req.id, len(s.prompt), s.shared, s.produced, elapsed, reason)
+        self._release(s, keep=True)
+
+    # -- status ---------------------------------------------------------------------
+
+    def _refresh_snapshot(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._snapshot_at < 0.5:
+            return
+        self._snapshot_at = now
+        while self._rate and self._rate[0][0] < now - RATE_WINDOW_S:
+            self._rate.popleft()
+        span = max(1.0, now - self._rate[0][0]) if self._rate else RATE_WINDOW_S
+        rate = sum(n for _, n in self._rate) / span if self._rate else 0.0
+        used = self.tree.used
+        busy = len(self.active)
+        self._snapshot = {
+            "engine": "batch",
+            "slots": {"total": self.mc.slots, "busy": busy, "free": self.mc.slots - busy},
+            "kv_cells": {"total": self.kv_cells, "used": used, "free": self.kv_cells - used,
+                         "cached": self.tree.evictable(set(self.cached)),
+                         "reserved": self._future()},
+            "queue": len(self.waiting),
+            "tokens_per_s": round(rate, 1),
+            "prefix_cache": {"lookups": self.lookups, "hits": self.hits,
+                             "hit_rate": round(self.hits / self.lookups, 3) if self.lookups else 0.0,
+                             "tokens_saved": self.tokens_saved, "cached_sequences": len(self.cached)},
+            "served": self.served,
+            "generated_tokens": self.generated,
+            "steps": self.steps,
+            "pid": os.getpid(),
+        }
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

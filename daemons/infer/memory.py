@@ -1,0 +1,69 @@
+"""What one inference daemon will hold in memory, checked against the configured budget.
+
+model (tensor bytes) + KV (cells x bytes per cell from the GGUF) + compute buffers (what
+llama.cpp reserved for the largest step) + runtime (the process before the model: the
+interpreter and libraries). The check runs twice: before the context exists (model +
+KV, so an impossible config never allocates) and after (with the compute buffers).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+MIB = 2**20
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def ram_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def budget_bytes(budget_mb: int) -> int:
+    return budget_mb * MIB if budget_mb > 0 else int(ram_bytes() * 0.8)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    model: int
+    kv_cells: int
+    bytes_per_cell: int
+    compute: int
+    runtime: int
+    budget: int
+
+    @property
+    def kv(self) -> int:
+        return self.kv_cells * self.bytes_per_cell
+
+    @property
+    def total(self) -> int:
+        return self.model + self.kv + self.compute + self.runtime
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+    def describe(self) -> str:
+        compute = f"{self.compute / MIB:.0f} MiB" if self.compute else "not yet known"
+        return (f"model {self.model / MIB:.0f} MiB + KV {self.kv / MIB:.0f} MiB ({self.kv_cells} cells x "
+                f"{self.bytes_per_cell} B) + compute buffers {compute} + runtime {self.runtime / MIB:.0f} MiB "
+                f"= {self.total / MIB:.0f} MiB; budget {self.budget / MIB:.0f} MiB")
+
+    def as_dict(self) -> dict[str, int]:
+        return {"model_mib": self.model // MIB, "kv_mib": self.kv // MIB, "compute_mib": self.compute // MIB,
+                "runtime_mib": self.runtime // MIB, "total_mib": self.total // MIB,
+                "budget_mib": self.budget // MIB, "bytes_per_cell": self.bytes_per_cell}

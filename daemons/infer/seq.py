@@ -1,0 +1,56 @@
+"""One request inside the batch engine: its tokens, sampler and output stream."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from daemons.bus.worker import Request
+from daemons.infer.native import Sampler
+from daemons.infer.request import GenRequest
+from daemons.infer.textstream import StopMatcher, Utf8Stream
+
+
+@dataclass
+class Pending:
+    """Accepted and tokenized, waiting for a sequence and enough free cells."""
+
+    req: Request
+    gen: GenRequest
+    prompt: list[int]
+    max_new: int
+    arrived: float = field(default_factory=time.monotonic)
+
+    def give_up_at(self) -> float:
+        """Unix time to stop waiting: a little before the deadline, so the answer is
+        this engine's clear 503 and not the router's generic 504."""
+        margin = min(0.5, 0.1 * max(0.0, self.req.deadline - time.time()))
+        return self.req.deadline - margin
+
+
+@dataclass
+class Seq:
+    """Admitted: holds sequence id `id` in the llama context until it finishes."""
+
+    id: int
+    order: int  # admission number, unique for the engine's life
+    req: Request
+    gen: GenRequest
+    prompt: list[int]
+    max_new: int
+    reserve_target: int  # positions reserved at admission: prompt + output reservation - 1
+    sampler: Sampler
+    started: float = field(default_factory=time.monotonic)
+    # Longest common prefix with each earlier-admitted request (by order) that was
+    # prefilling when this one arrived: the cells it may share instead of computing.
+    lcp: dict[int, int] = field(default_factory=dict)
+    shared: int = 0  # prompt tokens taken from other sequences' cells
+    pending: int | None = None  # sampled, not yet decoded; None while prefilling
+    produced: int = 0
+    first_token_at: float | None = None
+    utf8: Utf8Stream = field(default_factory=Utf8Stream)
+    stops: StopMatcher = field(default_factory=lambda: StopMatcher([]))
+
+    @property
+    def prefilling(self) -> bool:
+        return self.pending is None
