@@ -12,6 +12,7 @@ COMMANDS = {
     "router": ("daemons.router.main", "run the router daemon (API + bus broker)"),
     "infer": ("daemons.infer.main", "run an inference daemon for one model"),
     "models": ("daemons.models", "list the configured models and their files"),
+    "tune": ("daemons.ctl.tune", "write systemd drop-ins and kernel parameters for this box's CPUs"),
 }
 
 
