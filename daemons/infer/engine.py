@@ -192,7 +192,7 @@ class BatchEngine:
     def _expire(self) -> None:
         now = time.time()
         for p in list(self.waiting):
-            if now >= p.give_up_at():
+            if now >= p.give_up_at:
                 self.waiting.remove(p)
                 self.emit.error(p.req.id, 503, (
                     f"no sequence and KV cells came free before the deadline (waited "
@@ -433,7 +433,7 @@ class BatchEngine:
 
     def _refresh_snapshot(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._snapshot_at < 0.5:
+        if not force and now - self._snapshot_at < 0.25:
             return
         self._snapshot_at = now
         while self._rate and self._rate[0][0] < now - RATE_WINDOW_S:

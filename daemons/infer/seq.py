@@ -20,12 +20,13 @@ class Pending:
     prompt: list[int]
     max_new: int
     arrived: float = field(default_factory=time.monotonic)
+    give_up_at: float = 0.0  # unix time
 
-    def give_up_at(self) -> float:
-        """Unix time to stop waiting: a little before the deadline, so the answer is
-        this engine's clear 503 and not the router's generic 504."""
-        margin = min(0.5, 0.1 * max(0.0, self.req.deadline - time.time()))
-        return self.req.deadline - margin
+    def __post_init__(self) -> None:
+        # Stop waiting a little before the deadline (a decode step may be running when
+        # it passes), so the answer is this engine's clear 503, not the router's 504.
+        margin = min(1.0, 0.25 * max(0.0, self.req.deadline - time.time()))
+        self.give_up_at = self.req.deadline - margin
 
 
 @dataclass

@@ -1,0 +1,84 @@
+"""The prefix tree's cell accounting, without a model: a random walk of engine-like
+operations checked against a brute-force model of which cells each sequence holds."""
+
+from __future__ import annotations
+
+import random
+
+from daemons.infer.prefix import PrefixTree
+
+
+def test_shared_prefix_counts_once_and_frees_with_its_last_holder() -> None:
+    t = PrefixTree()
+    t.append(1, [5, 6, 7, 8])
+    m = t.match(None, [5, 6, 7, 9, 9], 4)
+    assert m.length == 3
+    assert t.attach(2, m) == 1  # copy positions [0, 3) from sequence 1
+    t.append(2, [9, 9])
+    t.check()
+    assert t.used == 6  # 5 6 7 shared, 8 for seq 1, 9 9 for seq 2
+    assert t.length(1) == 4 and t.length(2) == 5
+    assert t.evictable({1}) == 1 and t.evictable({1, 2}) == 6
+    assert t.remove(1) == 1
+    assert t.remove(2) == 5
+    assert t.used == 0
+    t.check()
+
+
+def test_match_continues_from_a_sequence_and_respects_the_limit() -> None:
+    t = PrefixTree()
+    t.append(1, [1, 2, 3])
+    t.append(1, [4, 5])  # extends its own node
+    assert t.match(None, [1, 2, 3, 4, 5], 5).length == 5
+    assert t.match(None, [1, 2, 3, 4, 5], 4).length == 4
+    t.attach(2, t.match(None, [1, 2], 2))
+    assert t.length(2) == 2
+    assert t.match(2, [1, 2, 3, 4, 7], 5).length == 4
+    t.check()
+
+
+def test_random_operations_keep_the_books_exact() -> None:
+    rng = random.Random(7)
+    t = PrefixTree()
+    seqs: dict[int, list[int]] = {}  # what each sequence holds, as tokens
+    cells: dict[int, list[int]] = {}  # the physical cell ids it holds
+    next_cell = 0
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.3 and len(seqs) < 12:
+            sid = next(i for i in range(100) if i not in seqs)
+            prompt = [rng.randrange(3) for _ in range(rng.randrange(1, 12))]
+            m = t.match(None, prompt, len(prompt))
+            src = t.attach(sid, m)
+            seqs[sid] = prompt[: m.length]
+            cells[sid] = list(cells[src][: m.length]) if src is not None else []
+        elif op < 0.7 and seqs:
+            sid = rng.choice(list(seqs))
+            toks = [rng.randrange(3) for _ in range(rng.randrange(1, 4))]
+            t.append(sid, toks)
+            seqs[sid] += toks
+            cells[sid] += list(range(next_cell, next_cell + len(toks)))
+            next_cell += len(toks)
+        elif op < 0.85 and seqs:
+            sid = rng.choice(list(seqs))
+            target = [rng.randrange(3) for _ in range(20)]
+            target[: len(seqs[sid])] = seqs[sid]
+            m = t.match(sid, target, len(target))
+            start = t.length(sid)
+            src = t.attach(sid, m)
+            if src is not None:
+                assert cells[src][:start] == cells[sid], "copied from a sequence on another path"
+                seqs[sid] = target[: m.length]
+                cells[sid] = list(cells[src][: m.length])
+        elif seqs:
+            sid = rng.choice(list(seqs))
+            held = set(cells.pop(sid))
+            del seqs[sid]
+            others = set(c for v in cells.values() for c in v)
+            assert t.remove(sid) == len(held - others)
+        t.check()
+        assert t.used == len(set(c for v in cells.values() for c in v))
+        for sid in seqs:
+            assert t.length(sid) == len(seqs[sid])
+            leaf = t.leaf.get(sid)
+            assert [tok for n in (leaf.path() if leaf else []) for tok in n.tokens] == seqs[sid]
