@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,7 +69,8 @@ def box() -> Iterator[Box]:
     base = CHECKOUT / ".systemd-ci"
     try:
         deps = wheelhouse.deps_wheelhouse()
-        project = wheelhouse.project_wheelhouse(base / "wheels-project")
+        # Per session: two test runs in one checkout must not share it.
+        project = wheelhouse.project_wheelhouse(base / f"wheels-project-{os.getpid()}")
     except wheelhouse.WheelhouseError as exc:
         pytest.skip(f"cannot prepare the offline wheelhouse for the container: {exc}")
     container = Container(base, {CHECKOUT: SRC, deps: DEPS, project: PROJECT})
@@ -88,5 +90,6 @@ def box() -> Iterator[Box]:
         yield b
     finally:
         problems = container.halt()
+        shutil.rmtree(project, ignore_errors=True)
         if problems:
             pytest.fail("container teardown left things behind: " + "; ".join(problems))

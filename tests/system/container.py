@@ -223,4 +223,9 @@ class Container:
                   if str(self.ovl) in line or "onebox-ci-" in line]
         if mounts:
             problems.append(f"mounts left on the host: {mounts}")
+        else:
+            # Only empty mount points remain (the tmpfs lived in the private namespace).
+            shutil.rmtree(self.ovl, ignore_errors=True)
+            if not problems:
+                shutil.rmtree(self.rundir, ignore_errors=True)
         return problems
