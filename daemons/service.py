@@ -84,6 +84,13 @@ class Notifier:
     def __init__(self, env: dict[str, str] | None = None) -> None:
         env = dict(os.environ) if env is None else env
         self._notifier = sdnotify.SystemdNotifier()
+        # Never block the daemon's loop on sd_notify: a datagram socket whose reader
+        # has stopped reading (a launcher or test harness after READY; the kernel queues
+        # only net.unix.max_dgram_qlen = 10 datagrams) would otherwise hang the main
+        # thread in send() and stop the bus heartbeats. A full queue drops the message
+        # (sdnotify swallows the BlockingIOError).
+        if self._notifier.socket is not None:
+            self._notifier.socket.setblocking(False)
         self.enabled = bool(env.get("NOTIFY_SOCKET"))
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
