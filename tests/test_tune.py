@@ -62,11 +62,11 @@ def test_two_cores_share_everything_and_isolate_nothing(tmp_path: Path) -> None:
     topo = tune.read_topology(fake_box(tmp_path, cores=2), nvidia_smi=False)
     p = tune.plan(topo)
     assert p.infer == p.housekeeping == [0, 1]
-    assert p.isolate == [] and p.feeder == [1] and p.feeder_priority == 0 and p.threads == 2
+    assert p.isolate == [] and p.feeder == [0, 1] and p.feeder_priority == 0 and p.threads == 2
     files = tune.render(topo, p)
     infer = files["onebox-infer@.service.d/tune.conf"]
     assert "CPUAffinity=0-1" in infer and "CPUWeight=1000" in infer
-    assert "Environment=ONEBOX__MODELS__%i__FEEDER_CPUS=1" in infer
+    assert 'Environment="ONEBOX__MODELS__%i__FEEDER_CPUS=\\"0-1\\""' in infer
     assert "FEEDER_PRIORITY=" not in infer  # the admin's config decides on a small box
     assert "isolcpus" not in files["kernel-cmdline.txt"].replace("#", "").split("\n")[-1]
     assert not [ln for ln in files["kernel-cmdline.txt"].splitlines() if ln and not ln.startswith("#")]
@@ -75,14 +75,14 @@ def test_two_cores_share_everything_and_isolate_nothing(tmp_path: Path) -> None:
 def test_sixteen_cores_smt_one_node(tmp_path: Path) -> None:
     topo = tune.read_topology(fake_box(tmp_path, cores=16, threads=2), nvidia_smi=False)
     p = tune.plan(topo)
-    # Two cores (with their siblings) for the OS and router; the last core for the feeder.
+    # Two cores (with their siblings) for the OS and router; the rest for inference.
     assert p.housekeeping == [0, 1, 16, 17]
     assert p.infer == list(range(2, 16)) + list(range(18, 32))
-    assert p.feeder == [15] and p.isolate == [15, 31] and p.feeder_priority == 10
+    assert p.feeder == p.infer == p.isolate and p.feeder_priority == 10
     assert p.threads == 14
     files = tune.render(topo, p)
     cmdline = [ln for ln in files["kernel-cmdline.txt"].splitlines() if ln and not ln.startswith("#")]
-    assert cmdline == ["isolcpus=managed_irq,domain,15,31 nohz_full=15,31 rcu_nocbs=15,31"]
+    assert cmdline == ["irqaffinity=0-1,16-17 nohz_full=2-15,18-31 rcu_nocbs=2-15,18-31"]
     assert "CPUAffinity=0-1,16-17" in files["onebox-router.service.d/tune.conf"]
     assert "CPUWeight=50" in files["onebox-ingest.service.d/tune.conf"]
     assert "Environment=ONEBOX__MODELS__%i__FEEDER_PRIORITY=10" in files["onebox-infer@.service.d/tune.conf"]
@@ -94,7 +94,7 @@ def test_two_nodes_keep_inference_on_the_gpu_node(tmp_path: Path) -> None:
     assert topo.gpus == (tune.Gpu("NVIDIA H100 80GB HBM3", "0000:c1:00.0", 1),)
     p = tune.plan(topo)
     assert p.node == 1
-    assert p.housekeeping == [4] and p.infer == [5, 6, 7] and p.feeder == [7]
+    assert p.housekeeping == [4] and p.infer == [5, 6, 7] and p.feeder == [5, 6, 7]
     assert p.background == [0, 1, 2, 3]  # the other node: no memory-bandwidth contention
     infer = tune.render(topo, p)["onebox-infer@.service.d/tune.conf"]
     assert "PrivateDevices=no" in infer and "DeviceAllow=/dev/nvidia0 rw" in infer
@@ -116,7 +116,7 @@ def test_small_box_says_what_a_larger_one_gets(tmp_path: Path, capsys: pytest.Ca
     assert tune.main(["--root", str(fake_box(tmp_path, cores=2))]) == 0
     text = capsys.readouterr().out
     assert "too few to set any aside" in text
-    assert "On a larger box" in text and "isolcpus=managed_irq,domain," in text
+    assert "On a larger box" in text and "nohz_full=" in text
 
 
 def test_example_rejects_nonsense() -> None:

@@ -7,7 +7,7 @@ writes, under --emit DIR:
                                        and the feeder thread's CPU and SCHED_FIFO priority
   onebox-router.service.d/tune.conf    the router on the housekeeping CPUs
   onebox-{embed,ocr,ingest}.service.d/tune.conf   background daemons, lowest weight
-  kernel-cmdline.txt                   isolcpus=/nohz_full=/rcu_nocbs= for the feeder core
+  kernel-cmdline.txt                   irqaffinity=/nohz_full=/rcu_nocbs= (and why no isolcpus=)
 The feeder settings go in as ONEBOX__MODELS__<instance>__FEEDER_* environment
 overrides in the drop-in, so the tuning lives with the other systemd placement and the
 admin's versioned onebox.toml is left alone (a value set there is overridden; delete the
@@ -82,7 +82,7 @@ class Plan:
     background: list[int]     # embed, ocr, ingest
     infer: list[int]          # inference daemons (llama.cpp threads)
     feeder: list[int]         # the decode thread, inside `infer`
-    isolate: list[int]        # for the kernel command line; empty when too small
+    isolate: list[int]        # nohz_full/rcu_nocbs on the kernel command line; empty when too small
     threads: int              # llama.cpp threads for a model
     feeder_priority: int
     node: int
@@ -163,14 +163,13 @@ def plan(topo: Topology) -> Plan:
     all_cpus = sorted(c.id for c in topo.cpus)
     other_nodes = sorted(c.id for c in topo.cpus if c.node != node)
     if len(topo.cores()) < MIN_CORES_TO_ISOLATE:
-        last = cores[-1]
         return Plan(
-            housekeeping=all_cpus, background=all_cpus, infer=all_cpus, feeder=[last[0]], isolate=[],
+            housekeeping=all_cpus, background=all_cpus, infer=all_cpus, feeder=all_cpus, isolate=[],
             threads=len(topo.cores()), feeder_priority=0, node=node,
             notes=[f"{len(topo.cores())} core(s): too few to set any aside. Everything shares every CPU, "
-                   "ordered by CPUWeight= (inference 1000, router 200, background 50). The feeder is "
-                   f"pinned to CPU {last[0]} and stays SCHED_OTHER: a real-time thread on one of two "
-                   "cores would starve the router and the OS on it. No kernel parameters."],
+                   "ordered by CPUWeight= (inference 1000, router 200, background 50). The feeder "
+                   "gets no SCHED_FIFO priority from here: a real-time thread on one of two cores would "
+                   "starve the router and the OS on it. No kernel parameters."],
         )
     # One core (two, from 16 up) for the OS, IRQs and the router; the feeder gets the last
     # core of the inference node to itself; llama.cpp's threads get the cores between.
@@ -178,13 +177,13 @@ def plan(topo: Topology) -> Plan:
     housekeeping = sorted(c for core in cores[:n_house] for c in core)
     infer_cores = cores[n_house:]
     infer = sorted(c for core in infer_cores for c in core)
-    feeder_core = infer_cores[-1]
     notes = [
         f"housekeeping (OS, IRQs, router): CPUs {fmt(housekeeping)} of node {node}",
         f"inference: CPUs {fmt(infer)} of node {node}, {len(infer_cores)} llama.cpp threads "
         "(one per physical core: SMT siblings add little to matrix work)",
-        f"feeder: CPU {feeder_core[0]}, SCHED_FIFO {FEEDER_PRIORITY}, its core isolated on the kernel command "
-        "line so no other task or timer tick lands there",
+        f"feeder: on the inference CPUs at SCHED_FIFO {FEEDER_PRIORITY}; not on one core of its own, because "
+        "llama.cpp's compute threads are started by the feeder and inherit its CPU mask",
+        f"kernel: IRQs on the housekeeping CPUs, no timer tick and no RCU callbacks on the inference CPUs",
     ]
     if other_nodes:
         notes.append(f"background (embed, ocr, ingest): the other node(s), CPUs {fmt(other_nodes)}, "
@@ -196,8 +195,8 @@ def plan(topo: Topology) -> Plan:
         housekeeping=housekeeping,
         background=other_nodes or housekeeping,
         infer=infer,
-        feeder=[feeder_core[0]],
-        isolate=list(feeder_core),
+        feeder=infer,
+        isolate=infer,
         threads=len(infer_cores),
         feeder_priority=FEEDER_PRIORITY,
         node=node,
@@ -235,7 +234,8 @@ def render(topo: Topology, p: Plan) -> dict[str, str]:
              "# instance (models.<instance>.*); onebox.toml is left as the admin wrote it. With several",
              "# models, copy this to onebox-infer@MODEL.service.d/ and give each its own feeder CPU.",
              "# (Model keys with '-' or '.' are not valid variable names: set those in onebox.toml.)",
-             f"Environment=ONEBOX__MODELS__%i__FEEDER_CPUS={fmt(p.feeder)}",
+             "# The CPU list is quoted: an override is read as a TOML value, and 15 alone is a number.",
+             f'Environment="ONEBOX__MODELS__%i__FEEDER_CPUS=\\"{fmt(p.feeder)}\\""',
              f"Environment=ONEBOX__MODELS__%i__THREADS={p.threads}"]
     if p.feeder_priority:
         infer += [f"Environment=ONEBOX__MODELS__%i__FEEDER_PRIORITY={p.feeder_priority}"]
@@ -274,14 +274,15 @@ def kernel_cmdline(topo: Topology, p: Plan) -> str:
                   f"{MIN_CORES_TO_ISOLATE} cores, a core set aside would be missed more than it helps.", ""]
         return "\n".join(lines)
     iso = fmt(p.isolate)
+    house = fmt(p.housekeeping)
     lines += [
-        f"# isolcpus=managed_irq,domain,{iso}: no load balancing and no managed IRQs on the feeder's core;",
-        "#   only the feeder, pinned there by its drop-in, runs on it. Only that core: isolcpus on",
-        "#   llama.cpp's (unpinned) threads would pile them all onto one CPU.",
-        f"# nohz_full={iso}: no scheduler tick while the feeder runs alone there (fewer interruptions",
-        "#   per decode step).",
-        f"# rcu_nocbs={iso}: RCU callbacks run elsewhere (on the housekeeping CPUs).",
-        f"isolcpus=managed_irq,domain,{iso} nohz_full={iso} rcu_nocbs={iso}", ""]
+        f"# irqaffinity={house}: device interrupts go to the housekeeping CPUs, not the inference ones.",
+        f"# nohz_full={iso}: no scheduler tick on a CPU that runs one inference thread alone (fewer",
+        "#   interruptions per decode step).",
+        f"# rcu_nocbs={iso}: RCU callbacks run on the housekeeping CPUs instead.",
+        "# No isolcpus=: it turns off load balancing on those CPUs, and llama.cpp's unpinned threads",
+        "#   (started by the feeder, inheriting its CPU mask) would then pile up on one CPU.",
+        f"irqaffinity={house} nohz_full={iso} rcu_nocbs={iso}", ""]
     return "\n".join(lines)
 
 

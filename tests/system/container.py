@@ -116,9 +116,9 @@ class Container:
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         self.nspawn_pid = int(self._wait_for(lambda: pidfile.read_text().strip() or None, 20, "nspawn pid"))
-        self.leader = int(self._wait_for(self._find_leader, 20, "container init"))
+        self.leader = int(self._wait_for(self._find_leader, 30, "container init"))
         self._wait_for(lambda: self.run("test", "-S", "/run/systemd/private", timeout=10).returncode == 0 or None,
-                       30, "systemd's private socket")
+                       60, "systemd's private socket")
         state = self.run("systemctl", "is-system-running", "--wait", timeout=timeout).stdout.strip()
         if state not in ("running", "degraded"):
             failed = self.run("systemctl", "--failed", "--no-legend").stdout
@@ -130,10 +130,12 @@ class Container:
             raise ContainerError(f"safety: the container's root is not the overlay: {root}")
 
     def _find_leader(self) -> str | None:
+        # nspawn forks an intermediate child that forks the container's PID 1 and exits:
+        # only a child that is systemd itself is the leader to nsenter.
         for task in Path(f"/proc/{self.nspawn_pid}/task").glob("*/children"):
-            kids = task.read_text().split()
-            if kids:
-                return kids[0]
+            for kid in task.read_text().split():
+                if Path(f"/proc/{kid}/comm").read_text().strip() == "systemd":
+                    return kid
         return None
 
     def _wait_for(self, probe: object, timeout: float, what: str) -> str:

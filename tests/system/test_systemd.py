@@ -333,11 +333,15 @@ def test_tune_dropins_place_the_feeder(box: Box) -> None:
     assert rc == 0, out
     print(out.strip().splitlines()[1])
     ncpu = int(box.run("nproc")[1])
+    cpus = "0" if ncpu == 1 else f"0-{ncpu - 1}"
+    assert prop(box, INFER, "CPUAffinity") == cpus
     pid = prop(box, INFER, "MainPID")
+    rc, env = box.run("cat", f"/proc/{pid}/environ")
+    # The %i-specific config override reached the daemon, quoted (a CPU list is a string).
+    assert f'ONEBOX__MODELS__smollm2__FEEDER_CPUS="{cpus}"' in env.split("\0"), env
     rc, out = box.sh(f"for t in /proc/{pid}/task/*; do [ \"$(cat $t/comm)\" = feeder ] && "
                      "grep Cpus_allowed_list $t/status; done; true")
-    # The drop-in's ONEBOX__MODELS__%i__FEEDER_CPUS reached the daemon: the feeder is pinned.
-    assert out.split() == ["Cpus_allowed_list:", str(ncpu - 1)], out
+    assert out.split() == ["Cpus_allowed_list:", cpus], out
     wait_until(lambda: api_ready(box), 30, "GET /ready")
     chat(box)
 
