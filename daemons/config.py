@@ -142,7 +142,12 @@ class ModelConfig:
     capacity: int = 64
     # Used when a request names none.
     default_max_tokens: int = 512
-    flash_attn: bool = False
+    # Flash attention. With one unified KV pool, every token's attention spans the
+    # pool's used range; llama.cpp's CPU flash-attention kernel skips the cells masked
+    # off (other sequences), the plain path computes them all: measured here with 4,000
+    # cells of other sequences in the pool, prefill 27 -> 219 tokens/s, 16-way decode
+    # 86 -> 224 tokens/s.
+    flash_attn: bool = True
     # Engine: "batch" (continuous batching over one KV pool) or "simple" (one request
     # at a time through llama-cpp-python's high-level API).
     engine: str = "batch"

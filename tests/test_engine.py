@@ -141,7 +141,7 @@ def counting(max_tokens: int, stream: bool = False) -> dict[str, Any]:
 
 
 def test_greedy_matches_llama_cpp_python(small: Suite) -> None:
-    """Same prompt, greedy, flash attention off in both: the same text.
+    """Same prompt, greedy, the same flash-attention setting (on, the default): the same text.
 
     Bit-identical logits also need the request's KV cells at the same places as in a
     fresh context (the attention sums run over cell indices), so this runs where no
@@ -151,7 +151,7 @@ def test_greedy_matches_llama_cpp_python(small: Suite) -> None:
     from daemons.models import resolve
 
     path = resolve(MODEL_PATH, Path("/nonexistent"))
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, flash_attn=False, verbose=False)
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, flash_attn=True, verbose=False)
     try:
         for prompt in ("The capital of France is", "def fibonacci(n):", COUNTING):
             ref = llm.create_completion(prompt, max_tokens=40, temperature=0, repeat_penalty=1.0)

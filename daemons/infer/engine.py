@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STALL_LIMIT_S = 30.0
 RATE_WINDOW_S = 10.0
+# Prefill order: a prompt waiting this many seconds counts as this many tokens shorter.
+AGING_TOKENS_PER_S = 100.0
 
 
 class BatchEngine:
@@ -320,11 +322,9 @@ class BatchEngine:
                 continue
             entries.append((s, [s.pending], batch.add(s.id, [s.pending], pos, True)))
         budget = self.step_tokens - batch.n
-        for s in list(self.active.values()):
+        for s in self._prefill_order():
             if budget <= 0:
                 break
-            if not s.prefilling:
-                continue
             pos = tree.length(s.id)
             if self.cache_on:
                 m = tree.match(s.id, s.prompt, len(s.prompt) - 1)
@@ -359,6 +359,16 @@ class BatchEngine:
             produced += 1
             self._on_token(s, token, now)
         self._rate.append((now, produced))
+
+    def _prefill_order(self) -> list[Seq]:
+        """Shortest remaining prompt first, so a burst of short chats is not stuck
+        behind a long document (first-token latency); waiting ages a request forward
+        (AGING_TOKENS_PER_S) so a long prompt is never starved."""
+        now = time.monotonic()
+        tree = self.tree
+        return sorted((s for s in self.active.values() if s.prefilling),
+                      key=lambda s: (len(s.prompt) - tree.length(s.id) - AGING_TOKENS_PER_S * (now - s.started),
+                                     s.order))
 
     def _room_beyond_reservation(self, s: Seq) -> bool:
         """A sequence past its output reservation may take an unreserved cell, evicting

@@ -29,6 +29,7 @@ import concurrent.futures as cf
 import importlib.util
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -156,14 +157,14 @@ class Onebox(Server):
 class Baseline(Server):
     name = "llama_cpp.server"
 
-    def __init__(self, directory: Path, threads: int, model_path: Path) -> None:
+    def __init__(self, directory: Path, threads: int, model_path: Path, flash_attn: bool) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log = open(directory / "baseline.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", NAME,
              "--n_ctx", str(N_CTX), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-             "--flash_attn", "False", "--interrupt_requests", "False", "--host", "127.0.0.1",
+             "--flash_attn", str(flash_attn), "--interrupt_requests", "False", "--host", "127.0.0.1",
              "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
@@ -302,7 +303,7 @@ def scenarios(quick: bool, tokenize: Any) -> list[tuple[str, list[list[dict[str,
 
 
 def bare_decode(model_path: Path, threads: int, prompts: list[list[int]], new_tokens: int, kv: int,
-                step: int) -> float:
+                step: int, flash_attn: bool) -> float:
     """Generated tokens/s of a plain loop: prefill every prompt in chunks of `step`,
     then one llama_decode per step with one token per sequence, greedy."""
     import llama_cpp
@@ -311,7 +312,7 @@ def bare_decode(model_path: Path, threads: int, prompts: list[list[int]], new_to
 
     native.forward_llama_logs()
     lm = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
-    ctx = native.Context(lm, n_cells=kv, n_seq_max=len(prompts), n_batch=step, threads=threads, flash_attn=False)
+    ctx = native.Context(lm, n_cells=kv, n_seq_max=len(prompts), n_batch=step, threads=threads, flash_attn=flash_attn)
     greedy = llama_cpp.llama_sampler_init_greedy()
     try:
         t0 = time.perf_counter()
@@ -371,9 +372,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="fewer (a) points, for a smoke run")
     parser.add_argument("--only", choices=["onebox", "baseline"], help="run one server only")
+    parser.add_argument("--baseline-flash-attn", action="store_true",
+                        help="run llama_cpp.server with --flash_attn True (its default is False)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra [models] config key for onebox (TOML value), e.g. --set step_tokens=512")
     args = parser.parse_args()
+    # SIGTERM (e.g. from `timeout`) unwinds, so the servers are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ensure_bench_deps()
     import llama_cpp
 
@@ -400,7 +405,7 @@ def main() -> int:
             directory = Path(d) / which
             directory.mkdir()
             server: Server = Onebox(directory, args.threads, extra) if which == "onebox" else \
-                Baseline(directory, args.threads, model_path)
+                Baseline(directory, args.threads, model_path, args.baseline_flash_attn)
             print(f"{server.name}: started (pid {server.pid})", flush=True)
             try:
                 run_load(server, [[{"role": "user", "content": "Hello!"}]])  # warm-up
@@ -425,7 +430,7 @@ def main() -> int:
     model = Model.load(model_path, mc)
     a16 = dict(plan)["a_n16"]
     toks = [model.prompt_tokens(parse({"kind": "chat", "messages": m})) for m in a16]
-    bare = bare_decode(model_path, args.threads, toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens)
+    bare = bare_decode(model_path, args.threads, toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens, mc.flash_attn)
 
     print("\nratios (onebox / llama_cpp.server):")
     summary: dict[str, Any] = {"model": model_path.name, "threads": args.threads, "n_ctx": N_CTX,
