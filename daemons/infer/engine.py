@@ -79,6 +79,8 @@ class BatchEngine:
         self.hits = 0
         self.tokens_saved = 0
         self.steps = 0
+        self.decode_s = 0.0  # time inside llama_decode
+        self.step_s = 0.0  # time in whole steps (decode + batching + sampling + output)
         self._rate: deque[tuple[float, int]] = deque()
         self._snapshot: dict[str, Any] = {}
         self._snapshot_at = 0.0
@@ -155,7 +157,9 @@ class BatchEngine:
             self._wake.wait(0.2)
             self._wake.clear()
             return
+        began = time.monotonic()
         self._step()
+        self.step_s += time.monotonic() - began
 
     # -- intake, cancel, deadlines ----------------------------------------------------
 
@@ -345,6 +349,7 @@ class BatchEngine:
         if not self._decode(entries):
             return
         took = time.monotonic() - began
+        self.decode_s += took
         if took > 1.0:
             log.debug("a decode step of %d tokens took %.2f s (CPU contention?)", batch.n, took)
         for s, toks, _ in entries:
@@ -470,6 +475,8 @@ class BatchEngine:
             "served": self.served,
             "generated_tokens": self.generated,
             "steps": self.steps,
+            "decode_s": round(self.decode_s, 2),
+            "step_s": round(self.step_s, 2),
             "pid": os.getpid(),
         }
 

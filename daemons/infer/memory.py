@@ -1,8 +1,9 @@
 """What one inference daemon will hold in memory, checked against the configured budget.
 
-model (tensor bytes) + KV (cells x bytes per cell from the GGUF) + compute buffers (what
-llama.cpp reserved for the largest step) + runtime (the process before the model: the
-interpreter and libraries). The check runs twice: before the context exists (model +
+model (tensor bytes) + KV (cells x bytes per cell from the GGUF) + compute and output
+buffers (what llama.cpp reserved for the largest step) + runtime (the process before
+the model: the interpreter and libraries) + a fixed headroom for what the runtime grows
+by while serving. The check runs twice: before the context exists (model +
 KV, so an impossible config never allocates) and after (with the compute buffers).
 """
 
@@ -12,6 +13,9 @@ import os
 from dataclasses import dataclass
 
 MIB = 2**20
+# Grows after start: Python objects per request, token caches, thread stacks, ZeroMQ
+# buffers. Part of the plan so the budget bounds peak RSS, not only llama.cpp's buffers.
+RUNTIME_HEADROOM = 96 * MIB
 
 
 def rss_bytes() -> int:
@@ -51,7 +55,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.model + self.kv + self.compute + self.runtime
+        return self.model + self.kv + self.compute + self.runtime + RUNTIME_HEADROOM
 
     @property
     def fits(self) -> bool:
@@ -61,7 +65,8 @@ class MemoryPlan:
         compute = f"{self.compute / MIB:.0f} MiB" if self.compute else "not yet known"
         return (f"model {self.model / MIB:.0f} MiB + KV {self.kv / MIB:.0f} MiB ({self.kv_cells} cells x "
                 f"{self.bytes_per_cell} B) + compute buffers {compute} + runtime {self.runtime / MIB:.0f} MiB "
-                f"= {self.total / MIB:.0f} MiB; budget {self.budget / MIB:.0f} MiB")
+                f"+ headroom {RUNTIME_HEADROOM / MIB:.0f} MiB = {self.total / MIB:.0f} MiB; "
+                f"budget {self.budget / MIB:.0f} MiB")
 
     def as_dict(self) -> dict[str, int]:
         return {"model_mib": self.model // MIB, "kv_mib": self.kv // MIB, "compute_mib": self.compute // MIB,

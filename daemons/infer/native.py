@@ -129,7 +129,8 @@ def unsupported_reason(model: Any) -> str | None:
     return None
 
 
-_MIB = re.compile(r"compute buffer size\s*=\s*([\d.]+)\s*MiB")
+# llama.cpp's own account of what it allocated besides weights and KV.
+_MIB = re.compile(r"(?:compute|output) buffer size\s*=\s*([\d.]+)\s*MiB")
 
 
 class Context:
