@@ -177,6 +177,10 @@ class BatchEngine:
             except RequestError as exc:
                 self.emit.error(req.id, exc.code, exc.message)
                 continue
+            except Exception as exc:  # e.g. text the tokenizer cannot encode: this request only
+                log.warning("request %s: cannot tokenize the prompt: %s: %s", req.id, type(exc).__name__, exc)
+                self.emit.error(req.id, 400, f"cannot tokenize the prompt: {type(exc).__name__}")
+                continue
             limit = self.model.n_ctx - len(prompt)
             max_new = min(gen.max_tokens or self.mc.default_max_tokens, limit)
             self.waiting.append(Pending(req, gen, prompt, max_new))
