@@ -213,6 +213,22 @@ def test_cancel_frees_the_sequence_and_its_cells(small: Suite) -> None:
         assert c.post("/v1/completions", json=counting(4)).status_code == 200
 
 
+def test_partial_output_reservation_ends_a_request_early_instead_of_overflowing(fresh_dir: Path) -> None:
+    """output_reserve = 16 admits two 400-token requests into 512 cells; when the pool
+    runs dry one of them ends with finish_reason "length", and the other completes."""
+    cfg = write_config(fresh_dir, model={"n_ctx": 1024, "kv_tokens": 512, "slots": 4, "step_tokens": 64,
+                                         "cached_prefixes": 0, "output_reserve": 16})
+    with running_suite(fresh_dir, cfg) as s:
+        with cf.ThreadPoolExecutor(2) as ex:
+            results = [f.result(timeout=120) for f in [ex.submit(post, s, counting(400)) for _ in range(2)]]
+        assert [r.status_code for r in results] == [200, 200], [r.text for r in results]
+        produced = sorted(r.json()["usage"]["completion_tokens"] for r in results)
+        assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in results)
+        assert produced[0] < 400 and produced[1] == 400, produced
+        assert 2 * 11 + sum(produced) <= 512 + 400, "more cells than the pool holds"
+        assert "no free KV cell beyond its reservation" in s.log_text("infer@smollm2")
+
+
 # -- startup checks ------------------------------------------------------------------------
 
 

@@ -321,13 +321,16 @@ class BatchEngine:
         batch.clear()
         entries: list[tuple[Seq, list[int], int]] = []
         tree = self.tree
+        extra = 0  # cells taken this step beyond their sequences' reservations
         for s in list(self.active.values()):
             if s.pending is None:
                 continue
             pos = tree.length(s.id)
-            if pos >= s.reserve_target and not self._room_beyond_reservation(s):
-                self._finish(s, "length")
-                continue
+            if pos >= s.reserve_target:
+                if not self._room_beyond_reservation(s, extra):
+                    self._finish(s, "length")
+                    continue
+                extra += 1
             entries.append((s, [s.pending], batch.add(s.id, [s.pending], pos, True)))
         budget = self.step_tokens - batch.n
         for s in self._prefill_order():
@@ -379,10 +382,11 @@ class BatchEngine:
                       key=lambda s: (len(s.prompt) - tree.length(s.id) - AGING_TOKENS_PER_S * (now - s.started),
                                      s.order))
 
-    def _room_beyond_reservation(self, s: Seq) -> bool:
-        """A sequence past its output reservation may take an unreserved cell, evicting
-        cached prefixes for it; none left means it must stop."""
-        while self.kv_cells - self.tree.used - self._future() < 1:
+    def _room_beyond_reservation(self, s: Seq, taken: int) -> bool:
+        """A sequence past its output reservation may take an unreserved cell (`taken`
+        already went to others this step), evicting cached prefixes for it; none left
+        means it must stop."""
+        while self.kv_cells - self.tree.used - self._future() - taken < 1:
             if not self.cached:
                 log.warning("request %s: no free KV cell beyond its reservation; ending it early", s.req.id)
                 return False
