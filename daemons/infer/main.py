@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("test hook %s=%s is set: the feeder blocks while that file exists", HANG_FILE_ENV, hang)
         engine.on_turn = lambda: hang_hook(hang)
     engine.start()
-    notifier.ready(f"serving {service_name} ({path.name}, n_ctx {model.n_ctx}, {mc.threads} threads)")
+    shape = (f"batch engine: {mc.slots} slots, {mc.kv_tokens} KV cells" if ctx is not None else "simple engine")
+    notifier.ready(f"serving {service_name} ({path.name}, n_ctx {model.n_ctx}, {mc.threads} threads, {shape})")
 
     last_status = 0.0
 
