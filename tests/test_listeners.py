@@ -23,7 +23,7 @@ def test_socket_modes_and_tcp(fresh_dir: Path) -> None:
     suite = Suite(fresh_dir, config)
     try:
         router = suite.start_router()
-        assert f"http://127.0.0.1:{port}" in router.status, router.status
+        assert f"http://127.0.0.1:{port}" in router.ready_status, router.ready_status
         assert stat.S_IMODE((fresh_dir / "run" / "api.sock").stat().st_mode) == 0o640
         assert stat.S_IMODE((fresh_dir / "run" / "bus.sock").stat().st_mode) == 0o600
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:

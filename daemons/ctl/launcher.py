@@ -37,6 +37,8 @@ class Child:
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready = False
         self.status = ""
+        # The STATUS= sent together with READY=1 (later STATUS lines replace `status`).
+        self.ready_status = ""
         self._sock: socket.socket | None = None
 
     @property
@@ -70,12 +72,15 @@ class Child:
                 data = self._sock.recv(65536)
             except BlockingIOError:
                 return lines
-            for line in data.decode(errors="replace").splitlines():
+            datagram = data.decode(errors="replace").splitlines()
+            for line in datagram:
                 lines.append(line)
                 if line == "READY=1":
                     self.ready = True
                 elif line.startswith("STATUS="):
                     self.status = line[len("STATUS="):]
+            if "READY=1" in datagram:
+                self.ready_status = self.status
 
     def exit_code(self) -> int | None:
         return None if self.proc is None else self.proc.poll()

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"onebox: starting {child.name}", flush=True)
             child.start()
             child.wait_ready(READY_TIMEOUT_S)
-            print(f"onebox: {child.name} ready (pid {child.pid}): {child.status}", flush=True)
+            print(f"onebox: {child.name} ready (pid {child.pid}): {child.ready_status}", flush=True)
             if sigs.count:
                 raise LaunchError(f"interrupted by {sigs.name}")
     except LaunchError as exc:
