@@ -117,6 +117,7 @@ class Worker:
         self._outbox.bind(self._outbox_address)
         self.emitter = Emitter(ctx, self._outbox_address)
         self._sock: zmq.Socket[bytes] | None = None
+        self._poller = zmq.Poller()
         self._broker_expiry = 0.0
         self._next_heartbeat = 0.0
         self._draining = False
@@ -136,6 +137,10 @@ class Worker:
         sock.setsockopt(zmq.MAXMSGSIZE, self.bus.max_message_bytes)
         sock.connect(self.endpoint)
         self._sock = sock
+        # Built once per connection, not per loop turn (the loop turns once per reply).
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._outbox, zmq.POLLIN)
         self._send(p.READY, {
             "version": p.VERSION, "service": self.service, "capacity": self.capacity,
             "heartbeat_ms": int(self.bus.heartbeat_interval_s * 1000), "pid": os.getpid(), **self.meta,
@@ -188,10 +193,7 @@ class Worker:
         assert self._sock is not None
         now = time.monotonic()
         timeout_ms = max(1, int(min(self._next_heartbeat - now, 0.25) * 1000))
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._outbox, zmq.POLLIN)
-        events = dict(poller.poll(timeout_ms))
+        events = dict(self._poller.poll(timeout_ms))
         if self._outbox in events:
             self._forward_outbox()
         if self._sock in events:

@@ -216,6 +216,7 @@ class Shape:
         self.chat = chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + call_id
         self.object = "chat.completion" if chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self.created = int(time.time())
 
     def delta(self, text: str) -> dict[str, Any]:
@@ -228,13 +229,13 @@ class Shape:
         else:
             choice["text"] = delta.get("text", "")
         return {
-            "id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "id": self.id, "object": self.chunk_object,
             "created": self.created, "model": self.model, "choices": [choice],
         }
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {
-            "id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "id": self.id, "object": self.chunk_object,
             "created": self.created, "model": self.model, "choices": [], "usage": self.usage(usage),
         }
 
