@@ -273,7 +273,7 @@ def _set_path(raw: dict[str, Any], dotted: list[str], value: Any) -> None:
     node[dotted[-1]] = value
 
 
-def _parse_env_value(text: str) -> Any:
+def parse_env_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -297,7 +297,7 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
             dotted = [p.lower() for p in name[len("ONEBOX__"):].split("__") if p]
             if len(dotted) < 2:
                 raise ConfigError(f"{name}: expected ONEBOX__SECTION__KEY")
-            _set_path(raw, dotted, _parse_env_value(text))
+            _set_path(raw, dotted, parse_env_value(text))
 
 
 def parse(raw: dict[str, Any], source: str = "<string>") -> Config:

@@ -68,8 +68,7 @@ def test_two_cores_share_everything_and_isolate_nothing(tmp_path: Path) -> None:
     assert "CPUAffinity=0-1" in infer and "CPUWeight=1000" in infer
     assert 'Environment="ONEBOX__MODELS__%i__FEEDER_CPUS=\\"0-1\\""' in infer
     assert "FEEDER_PRIORITY=" not in infer  # the admin's config decides on a small box
-    assert "isolcpus" not in files["kernel-cmdline.txt"].replace("#", "").split("\n")[-1]
-    assert not [ln for ln in files["kernel-cmdline.txt"].splitlines() if ln and not ln.startswith("#")]
+    assert not [ln for ln in files["onebox-kernel-cmdline.txt"].splitlines() if ln and not ln.startswith("#")]
 
 
 def test_sixteen_cores_smt_one_node(tmp_path: Path) -> None:
@@ -81,7 +80,7 @@ def test_sixteen_cores_smt_one_node(tmp_path: Path) -> None:
     assert p.feeder == p.infer == p.isolate and p.feeder_priority == 10
     assert p.threads == 14
     files = tune.render(topo, p)
-    cmdline = [ln for ln in files["kernel-cmdline.txt"].splitlines() if ln and not ln.startswith("#")]
+    cmdline = [ln for ln in files["onebox-kernel-cmdline.txt"].splitlines() if ln and not ln.startswith("#")]
     assert cmdline == ["irqaffinity=0-1,16-17 nohz_full=2-15,18-31 rcu_nocbs=2-15,18-31"]
     assert "CPUAffinity=0-1,16-17" in files["onebox-router.service.d/tune.conf"]
     assert "CPUWeight=50" in files["onebox-ingest.service.d/tune.conf"]
@@ -105,9 +104,9 @@ def test_emit_writes_dropins_systemd_understands(tmp_path: Path, capsys: pytest.
     out = tmp_path / "out"
     assert tune.main(["--root", str(root), "--emit", str(out)]) == 0
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert names == ["kernel-cmdline.txt", "onebox-embed.service.d/tune.conf", "onebox-infer@.service.d/tune.conf",
-                     "onebox-ingest.service.d/tune.conf", "onebox-ocr.service.d/tune.conf",
-                     "onebox-router.service.d/tune.conf"]
+    assert names == ["onebox-embed.service.d/tune.conf", "onebox-infer@.service.d/tune.conf",
+                     "onebox-ingest.service.d/tune.conf", "onebox-kernel-cmdline.txt",
+                     "onebox-ocr.service.d/tune.conf", "onebox-router.service.d/tune.conf"]
     text = capsys.readouterr().out
     assert "4 CPUs, 4 cores" in text and "wrote" in text
 
@@ -122,3 +121,16 @@ def test_small_box_says_what_a_larger_one_gets(tmp_path: Path, capsys: pytest.Ca
 def test_example_rejects_nonsense() -> None:
     with pytest.raises(SystemExit):
         tune.main(["--example", "7x2"])
+
+
+def test_plan_counts_the_inference_nodes_cores_not_the_boxs() -> None:
+    # Four nodes of one core each: no node can spare a core, so nothing is set aside
+    # (the box's 4 cores must not make it split a 1-core node into nothing).
+    p = tune.plan(tune.example_topology(cores=4, threads_per_core=2, nodes=4))
+    assert p.threads >= 1 and p.infer and p.isolate == []
+    # A GPU on a CPU-less node: inference goes to a node that has CPUs.
+    topo = tune.example_topology(cores=16, threads_per_core=2, nodes=2)
+    with_gpu = tune.Topology(topo.cpus, (tune.Gpu("H100", "0000:c1:00.0", 7),))
+    p = tune.plan(with_gpu)
+    assert p.node in topo.nodes and p.threads >= 1 and p.infer and p.housekeeping
+    assert set(p.infer).isdisjoint(p.housekeeping)

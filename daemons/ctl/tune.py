@@ -7,7 +7,7 @@ writes, under --emit DIR:
                                        and the feeder thread's CPU and SCHED_FIFO priority
   onebox-router.service.d/tune.conf    the router on the housekeeping CPUs
   onebox-{embed,ocr,ingest}.service.d/tune.conf   background daemons, lowest weight
-  kernel-cmdline.txt                   irqaffinity=/nohz_full=/rcu_nocbs= (and why no isolcpus=)
+  onebox-kernel-cmdline.txt                   irqaffinity=/nohz_full=/rcu_nocbs= (and why no isolcpus=)
 The feeder settings go in as ONEBOX__MODELS__<instance>__FEEDER_* environment
 overrides in the drop-in, so the tuning lives with the other systemd placement and the
 admin's versioned onebox.toml is left alone (a value set there is overridden; delete the
@@ -157,22 +157,25 @@ def read_gpus(root: Path, nvidia_smi: bool = True) -> list[Gpu]:
 # -- the policy ----------------------------------------------------------------------
 
 def plan(topo: Topology) -> Plan:
-    # Inference lives on one NUMA node (its memory is local there): the GPU's, else node 0.
-    node = topo.gpus[0].node if topo.gpus else topo.nodes[0]
+    # Inference lives on one NUMA node (its memory is local there): the GPU's when that
+    # node has CPUs (a GPU can hang off a CPU-less node), else the first node.
+    gpu_node = topo.gpus[0].node if topo.gpus else None
+    node = gpu_node if gpu_node is not None and topo.cores(gpu_node) else topo.nodes[0]
     cores = topo.cores(node)
     all_cpus = sorted(c.id for c in topo.cpus)
     other_nodes = sorted(c.id for c in topo.cpus if c.node != node)
-    if len(topo.cores()) < MIN_CORES_TO_ISOLATE:
+    # CPUs are handed out from `node` only, so that node's cores decide, not the box's.
+    if len(cores) < MIN_CORES_TO_ISOLATE:
         return Plan(
             housekeeping=all_cpus, background=all_cpus, infer=all_cpus, feeder=all_cpus, isolate=[],
             threads=len(topo.cores()), feeder_priority=0, node=node,
-            notes=[f"{len(topo.cores())} core(s): too few to set any aside. Everything shares every CPU, "
+            notes=[f"{len(cores)} core(s) on node {node}: too few to set any aside. Everything shares every CPU, "
                    "ordered by CPUWeight= (inference 1000, router 200, background 50). The feeder "
                    "gets no SCHED_FIFO priority from here: a real-time thread on one of two cores would "
                    "starve the router and the OS on it. No kernel parameters."],
         )
-    # One core (two, from 16 up) for the OS, IRQs and the router; the feeder gets the last
-    # core of the inference node to itself; llama.cpp's threads get the cores between.
+    # One core (two, from 16 up) for the OS, IRQs and the router; the rest of the node is
+    # inference: the feeder and llama.cpp's threads share it (they inherit its mask).
     n_house = 2 if len(cores) >= 16 else 1
     housekeeping = sorted(c for core in cores[:n_house] for c in core)
     infer_cores = cores[n_house:]
@@ -232,7 +235,7 @@ def render(topo: Topology, p: Plan) -> dict[str, str]:
              f"CPUWeight={WEIGHTS['infer']}",
              "# The decode (\"feeder\") thread and llama.cpp threads, as config overrides for this",
              "# instance (models.<instance>.*); onebox.toml is left as the admin wrote it. With several",
-             "# models, copy this to onebox-infer@MODEL.service.d/ and give each its own feeder CPU.",
+             "# models, copy this to onebox-infer@MODEL.service.d/ and split the CPUs between them.",
              "# (Model keys with '-' or '.' are not valid variable names: set those in onebox.toml.)",
              "# The CPU list is quoted: an override is read as a TOML value, and 15 alone is a number.",
              f'Environment="ONEBOX__MODELS__%i__FEEDER_CPUS=\\"{fmt(p.feeder)}\\""',
@@ -262,7 +265,7 @@ def render(topo: Topology, p: Plan) -> dict[str, str]:
             "# it yields to requests at once, yet uses every idle cycle (no CPUQuota=).",
             f"CPUAffinity={fmt(p.background)}", f"AllowedCPUs={fmt(p.background)}",
             f"CPUWeight={WEIGHTS['background']}"]) + "\n"
-    files["kernel-cmdline.txt"] = kernel_cmdline(topo, p)
+    files["onebox-kernel-cmdline.txt"] = kernel_cmdline(topo, p)
     return files
 
 
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                      "/etc/systemd/system && systemctl daemon-reload && systemctl restart onebox.target"),
     )
     parser.add_argument("--emit", type=Path, metavar="DIR",
-                        help="write the drop-ins and kernel-cmdline.txt under DIR")
+                        help="write the drop-ins and onebox-kernel-cmdline.txt under DIR")
     parser.add_argument("--root", type=Path, default=Path("/"),
                         help="read /sys and /proc under this directory instead of / (for testing)")
     parser.add_argument("--example", metavar="CORESxNODES",

@@ -391,13 +391,15 @@ def main() -> int:
     ensure_bench_deps()
     import llama_cpp
 
+    from daemons import config as config_mod
     from daemons.models import resolve
 
     model_path = resolve(MODEL, ROOT / "var" / "lib" / "models")
     extra: dict[str, Any] = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        extra[key] = json.loads(value) if value[:1] in "0123456789tf[{\"-" else value
+        # The same rule as ONEBOX__ overrides: a TOML value when it parses, else a string.
+        extra[key] = config_mod.parse_env_value(value)
     vocab = llama_cpp.Llama(str(model_path), vocab_only=True, verbose=False)
     print(f"model {model_path.name}, {args.threads} threads, n_ctx {N_CTX}, {MAX_TOKENS} new tokens; "
           f"load before: {os.getloadavg()}", flush=True)
