@@ -225,7 +225,7 @@ def test_partial_output_reservation_ends_a_request_early_instead_of_overflowing(
         produced = sorted(r.json()["usage"]["completion_tokens"] for r in results)
         assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in results)
         assert produced[0] < 400 and produced[1] == 400, produced
-        assert 2 * 11 + sum(produced) <= 512 + 400, "more cells than the pool holds"
+        assert "no KV slot" not in s.log_text("infer@smollm2"), "the pool overflowed"
         assert "no free KV cell beyond its reservation" in s.log_text("infer@smollm2")
 
 

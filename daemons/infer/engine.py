@@ -149,8 +149,11 @@ class BatchEngine:
             self._refresh_snapshot()
 
     def _turn(self) -> None:
+        # Cancels are taken before the inbox is read: the main thread submits a request
+        # before it can cancel it, so every cancel taken here finds its request.
+        cancels = self._pop_cancels()
         self._intake()
-        self._take_cancels()
+        self._apply_cancels(cancels)
         self._expire()
         self._admit()
         if not self.active:
@@ -185,9 +188,12 @@ class BatchEngine:
             max_new = min(gen.max_tokens or self.mc.default_max_tokens, limit)
             self.waiting.append(Pending(req, gen, prompt, max_new))
 
-    def _take_cancels(self) -> None:
+    def _pop_cancels(self) -> set[str]:
         with self._lock:
             cancels, self._cancels = self._cancels, set()
+        return cancels
+
+    def _apply_cancels(self, cancels: set[str]) -> None:
         for rid in cancels:
             for p in list(self.waiting):
                 if p.req.id == rid:
@@ -236,16 +242,16 @@ class BatchEngine:
             if need > free:
                 if need > free + self.tree.evictable(set(self.cached), m.node if m else None):
                     return  # first come, first served: the head waits for cells
-            if not self.free_ids:  # not with n_seq_max = slots + cached_prefixes; to be safe
-                self._evict_one()
-                continue
+            # n_seq_max = slots + cached_prefixes: with a slot free, an id is free too.
+            assert self.free_ids, "no free sequence id with a free slot"
+            seed = p.gen.seed if p.gen.seed is not None else random.getrandbits(32)
+            # Built before anything is taken, so a failure here leaks no sequence id.
+            sampler = Sampler(p.gen, seed, self.model.n_vocab)
             self.waiting.popleft()
             sid = self.free_ids.pop()
             self._order += 1
-            seed = p.gen.seed if p.gen.seed is not None else random.getrandbits(32)
             s = Seq(id=sid, order=self._order, req=p.req, gen=p.gen, prompt=p.prompt, max_new=p.max_new,
-                    reserve_target=target, sampler=Sampler(p.gen, seed, self.model.n_vocab),
-                    stops=StopMatcher(p.gen.stop))
+                    reserve_target=target, sampler=sampler, stops=StopMatcher(p.gen.stop))
             s.sampler.accept_prompt(p.prompt)
             self.active[sid] = s
             self.lookups += 1
@@ -253,7 +259,7 @@ class BatchEngine:
                 self._attach(s, m)
             while self._free_for_admission() < 0 and self.cached:
                 self._evict_one()
-            for other in self.active.values():
+            for other in self.active.values() if self.cache_on else ():
                 if other is not s and other.prefilling:
                     n = _common_prefix(other.prompt, s.prompt, len(s.prompt) - 1)
                     if n > shared:
@@ -405,9 +411,12 @@ class BatchEngine:
             try:
                 self.ctx.decode()
                 return True
-            except LlamaError as again:
+            except KvFull as again:
                 log.error("%s; failing the %d request(s) in this step", again, len(entries))
                 code, message = 503, "the KV cache is full; try again"
+            except LlamaError as again:
+                log.error("%s; failing the %d request(s) in this step", again, len(entries))
+                code, message = 500, f"inference failed: {again}"
         except LlamaError as exc:
             log.error("%s; failing the %d request(s) in this step", exc, len(entries))
             code, message = 500, f"inference failed: {exc}"

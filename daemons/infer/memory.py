@@ -24,14 +24,6 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def ram_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
@@ -67,8 +59,3 @@ class MemoryPlan:
                 f"{self.bytes_per_cell} B) + compute buffers {compute} + runtime {self.runtime / MIB:.0f} MiB "
                 f"+ headroom {RUNTIME_HEADROOM / MIB:.0f} MiB = {self.total / MIB:.0f} MiB; "
                 f"budget {self.budget / MIB:.0f} MiB")
-
-    def as_dict(self) -> dict[str, int]:
-        return {"model_mib": self.model // MIB, "kv_mib": self.kv // MIB, "compute_mib": self.compute // MIB,
-                "runtime_mib": self.runtime // MIB, "total_mib": self.total // MIB,
-                "budget_mib": self.budget // MIB, "bytes_per_cell": self.bytes_per_cell}

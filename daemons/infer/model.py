@@ -85,9 +85,6 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    def piece(self, token: int) -> bytes:
-        return bytes(self.lm.detokenize([token], special=False))
-
     def prompt_tokens(self, req: GenRequest) -> list[int]:
         if req.kind == "chat":
             try:

@@ -20,7 +20,6 @@ import llama_cpp
 
 from daemons.infer.request import GenRequest
 
-log = logging.getLogger(__name__)
 llama_log = logging.getLogger("llama.cpp")
 
 # llama-cpp-python's own greedy/penalty defaults, so one request matches its output.
@@ -187,12 +186,6 @@ class Context:
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         llama_cpp.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
 
-    def seq_pos_max(self, seq: int) -> int:
-        return int(llama_cpp.llama_memory_seq_pos_max(self.mem, seq))
-
-    def clear(self) -> None:
-        llama_cpp.llama_memory_clear(self.mem, False)
-
     def close(self) -> None:
         if self.ctx:
             self.batch.close()
@@ -211,9 +204,6 @@ class Batch:
     def clear(self) -> None:
         self.n = 0
         self.raw.n_tokens = 0
-
-    def room(self) -> int:
-        return self.capacity - self.n
 
     def add(self, seq: int, tokens: Sequence[int], pos: int, logits_last: bool) -> int:
         """Append tokens of one sequence at positions pos..; returns the batch index of
@@ -248,7 +238,7 @@ class Sampler:
         if not chain:
             raise LlamaError("llama_sampler_chain_init failed")
         self.chain = chain
-        repeat = gen.repeat_penalty if gen.repeat_penalty > 0 else 1.0  # llama.cpp needs > 0
+        repeat = gen.repeat_penalty  # request.parse maps 0 to 1.0: llama.cpp divides by it
         self.penalized = repeat != 1.0 or gen.frequency_penalty != 0.0 or gen.presence_penalty != 0.0
         add = llama_cpp.llama_sampler_chain_add
         if self.penalized:

@@ -81,7 +81,8 @@ def parse(body: dict[str, Any]) -> GenRequest:
         min_p=_num(body, "min_p", 0.0, 0.0, 1.0),
         frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
         presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
-        repeat_penalty=_num(body, "repeat_penalty", 1.0, 0.0, 10.0),
+        # llama.cpp divides by it: 0 (some clients' "off") means no penalty, i.e. 1.0.
+        repeat_penalty=_num(body, "repeat_penalty", 1.0, 0.0, 10.0) or 1.0,
         seed=_opt_int(body, "seed", 0, 2**63 - 1),
         stop=list(stop),
     )

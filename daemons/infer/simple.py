@@ -19,6 +19,7 @@ from daemons.bus.worker import Emitter, Request
 from daemons.config import ModelConfig
 from daemons.infer import request as request_mod
 from daemons.infer.model import Model
+from daemons.infer.native import Pieces
 from daemons.infer.textstream import StopMatcher, Utf8Stream
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class SimpleEngine:
                  stall_limit: float = DEFAULT_STALL_LIMIT_S) -> None:
         self.stall_limit = stall_limit
         self.model = model
+        # llama-cpp-python's own detokenize truncates pieces over 32 bytes to nothing.
+        self.pieces = Pieces(model.lm.vocab)
         self.mc = mc
         self.emit = emitter
         self._queue: queue.Queue[tuple[Request, request_mod.GenRequest]] = queue.Queue()
@@ -49,10 +52,8 @@ class SimpleEngine:
     # -- Handler seam ------------------------------------------------------------------
 
     def submit(self, req: Request) -> None:
-        gen = request_mod.parse(req.body)
-        if self._queue.qsize() >= self.mc.capacity:
-            raise RequestError(f"queue full ({self.mc.capacity} waiting)", 429)
-        self._queue.put((req, gen))
+        # Bounded by the worker, which refuses requests beyond `capacity` before this.
+        self._queue.put((req, request_mod.parse(req.body)))
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -140,7 +141,7 @@ class SimpleEngine:
                 finish = "stop"
                 break
             produced += 1
-            text, hit = stops.feed(utf8.feed(model.piece(token)))
+            text, hit = stops.feed(utf8.feed(self.pieces(token)))
             if text:
                 self.emit.partial(req.id, {"text": text})
             if hit:
