@@ -37,6 +37,32 @@ def test_match_continues_from_a_sequence_and_respects_the_limit() -> None:
     t.check()
 
 
+def test_sliding_window_offers_only_prefixes_a_holder_has_whole() -> None:
+    # Window 4: a sequence of length L may have lost positions below L - 3 (llama.cpp
+    # reuses cells that slid out of its window), so it can give a prefix of length p
+    # only when L <= max(p, 3).
+    t = PrefixTree(n_swa=4)
+    t.append(1, [1, 2, 3])
+    assert t.match(None, [1, 2, 9], 3).length == 2  # length 3: nothing slid out yet
+    t.append(1, [4, 5, 6, 7, 8])  # length 8: positions 0..4 may be gone
+    assert t.match(None, [1, 2, 3, 4, 5, 9], 6).length == 0
+    assert t.match(None, [1, 2, 3, 4, 5, 6, 7, 8, 9], 9).length == 8  # all of it: window 5..7 is whole
+    t.check()
+    # Of several holders, the shortest gives the prefix.
+    t2 = PrefixTree(n_swa=4)
+    t2.append(1, [1, 2, 3, 4, 5, 6, 7, 8])
+    t2.attach(2, t2.match(None, [1, 2, 3, 4, 5, 6, 7, 8], 8))  # seq 2 holds all 8, as long as seq 1
+    t2.append(2, [9])
+    follower = t2.match(None, [1, 2, 3, 4, 5, 6, 7, 8], 8)
+    assert follower.length == 8 and t2.attach(3, follower) == 1  # seq 1 (length 8), not seq 2 (9)
+    assert t2.match(None, [1, 2, 3, 4, 5, 0], 6).length == 0  # every holder is longer than 6
+    t2.check()
+    # Without a window every holder is whole.
+    t3 = PrefixTree()
+    t3.append(1, [1, 2, 3, 4, 5, 6, 7, 8])
+    assert t3.match(None, [1, 2, 3, 4, 5, 0], 6).length == 5
+
+
 def test_random_operations_keep_the_books_exact() -> None:
     rng = random.Random(7)
     t = PrefixTree()

@@ -26,6 +26,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+import llama_cpp
+
 from daemons import cpu
 from daemons.bus.errors import RequestError
 from daemons.bus.worker import Emitter, Request
@@ -54,7 +56,7 @@ class BatchEngine:
         self.ctx = ctx
         self.stall_limit = stall_limit
         self.pieces = Pieces(model.lm.vocab)
-        self.tree = PrefixTree()
+        self.tree = PrefixTree(n_swa=int(llama_cpp.llama_model_n_swa(model.lm.model)))
         self.kv_cells = ctx.n_cells
         self.step_tokens = min(mc.step_tokens, ctx.n_batch)
         self.cache_on = mc.cached_prefixes > 0

@@ -9,6 +9,13 @@ cells are shared, not copied); `llama_memory_seq_rm` drops a holder.
 The tree does no llama calls: `attach()` says which sequence to copy from and the engine
 makes the call. Cached prefixes are simply sequences that finished and were kept; the
 engine decides which to evict (LRU) and when.
+
+Sliding-window attention (Gemma 2/3, Mistral, ...): in its SWA layers llama.cpp reuses a
+cell that only one sequence holds once it has slid out of that sequence's window, and
+then drops that sequence's older positions too. So a sequence of length L may lack any
+position below L - n_swa + 1 there, and `seq_cp` from it copies the gaps. `match()`
+only offers a prefix some holder still has in full over the window the next token
+attends to (the n_swa - 1 positions before it), and `attach()` copies from that holder.
 """
 
 from __future__ import annotations
@@ -54,10 +61,11 @@ class Match:
 
 
 class PrefixTree:
-    def __init__(self) -> None:
+    def __init__(self, n_swa: int = 0) -> None:
         self.root = Node([], None, 0, set())
         self.leaf: dict[int, Node] = {}
         self.used = 0  # cells held by at least one sequence
+        self.n_swa = n_swa  # the model's attention window; 0: none, every cell is kept
 
     # -- queries ---------------------------------------------------------------------
 
@@ -88,7 +96,25 @@ class PrefixTree:
             if step.offset < len(step.node.tokens):
                 break
             node, pos = step.node, step.length
-        return best
+        return self._intact(best) if self.n_swa else best
+
+    def _source(self, node: Node, length: int, exclude: int | None = None) -> int | None:
+        """A holder of `node` whose cells are whole over the window before `length`
+        (with no window: any holder)."""
+        best = min((h for h in node.holders if h != exclude), key=self.length, default=None)
+        if best is None or not self.n_swa:
+            return best
+        # Its gaps lie below length(best) - n_swa + 1; the window starts at length - n_swa + 1.
+        return best if self.length(best) <= max(length, self.n_swa - 1) else None
+
+    def _intact(self, m: Match) -> Match:
+        """`m`, or failing that the longest match ending at a node boundary above it,
+        that some holder can copy without gaps in the window."""
+        node, length = m.node, m.length
+        while node is not self.root and self._source(node, length) is None:
+            assert node.parent is not None
+            node, length = node.parent, node.start
+        return m if node is m.node else Match(node, len(node.tokens), length)
 
     def evictable(self, cached: set[int], keep: Node | None = None) -> int:
         """Cells freed if every sequence in `cached` were dropped (sparing `keep`'s path)."""
@@ -117,7 +143,8 @@ class PrefixTree:
         node = m.node
         if m.offset < len(node.tokens):
             node = self._split(node, m.offset)
-        src = next(iter(node.holders - {seq}))
+        src = self._source(node, m.length, exclude=seq)
+        assert src is not None, "attach() of a match no holder can give"
         for n in node.path():
             n.holders.add(seq)
         self.leaf[seq] = node

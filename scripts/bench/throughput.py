@@ -14,7 +14,8 @@ Per scenario and server it prints completed requests, aggregate generated tokens
 TTFT and inter-token latency p50/p99, errors and peak RSS; then onebox/baseline ratios;
 then the engine efficiency: onebox's (a) N=16 tokens/s over a bare in-process
 llama_decode loop doing the same work (16 sequences, same prompts, 64 tokens each);
-and as the last line one JSON object with every figure. Run it on a quiet machine:
+(b)'s ceiling: the same bare loop doing (b)'s work, over llama_cpp.server's (b) (the
+most any engine on this llama.cpp build could reach on this machine); and as the last line one JSON object with every figure. Run it on a quiet machine:
 every number here is CPU-bound and shares the cores with the client.
 
 Usage: .venv/bin/python scripts/bench/throughput.py [--quick] [--only onebox|baseline]
@@ -312,8 +313,10 @@ def scenarios(quick: bool, tokenize: Any) -> list[tuple[str, list[list[dict[str,
 
 def bare_decode(model_path: Path, threads: int, prompts: list[list[int]], new_tokens: int, kv: int,
                 step: int, flash_attn: bool) -> float:
-    """Generated tokens/s of a plain loop: prefill every prompt in chunks of `step`,
-    then one llama_decode per step with one token per sequence, greedy."""
+    """Generated tokens/s of a plain loop: the prompts' common prefix decoded once and
+    shared by seq_cp, the rest of every prompt prefilled in chunks of `step`, then one
+    llama_decode per step with one token per sequence, greedy. No scheduling, no I/O:
+    the most this llama.cpp build can do with that work on this machine."""
     import llama_cpp
 
     from daemons.infer import native
@@ -326,13 +329,22 @@ def bare_decode(model_path: Path, threads: int, prompts: list[list[int]], new_to
         t0 = time.perf_counter()
         last_idx: dict[int, int] = {}
         tokens: dict[int, int] = {}
-        pos = [0] * len(prompts)
-        queue = [(s, p) for s, p in enumerate(prompts)]
+        shared = min(len(p) for p in prompts) - 1
+        for p in prompts[1:]:
+            shared = next((i for i in range(shared) if p[i] != prompts[0][i]), shared)
+        pos = [shared] * len(prompts)
+        for start in range(0, shared, step):  # the common prefix, once, in sequence 0
+            ctx.batch.clear()
+            ctx.batch.add(0, prompts[0][start:min(shared, start + step)], start, False)
+            ctx.decode()
+        for s in range(1, len(prompts)) if shared else ():
+            ctx.seq_cp(0, s, 0, shared)
+        queue = [(s, p[shared:]) for s, p in enumerate(prompts)]
         while queue:  # chunked prefill, as many sequences per batch as fit
             ctx.batch.clear()
             rest = []
             for s, toks in queue:
-                room = ctx.batch.room()
+                room = ctx.batch.capacity - ctx.batch.n
                 if room <= 0:
                     rest.append((s, toks))
                     continue
@@ -447,6 +459,13 @@ def main() -> int:
     a16 = [[{"role": "user", "content": f"Write a short paragraph about {TOPICS[i]}."}] for i in range(16)]
     toks = [model.prompt_tokens(parse({"kind": "chat", "messages": m})) for m in a16]
     bare = bare_decode(model_path, args.threads, toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens, mc.flash_attn)
+    # (b)'s ceiling: its 26 prompts through the same bare loop (system prompt decoded once).
+    b_prompts = dict(plan).get("b_shared_system_26")
+    bare_b = None
+    if b_prompts:
+        b_toks = [model.prompt_tokens(parse({"kind": "chat", "messages": m})) for m in b_prompts]
+        bare_b = bare_decode(model_path, args.threads, b_toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens,
+                             mc.flash_attn)
 
     print("\nratios (onebox / llama_cpp.server):")
     summary: dict[str, Any] = {"model": model_path.name, "threads": args.threads, "n_ctx": N_CTX,
@@ -467,6 +486,14 @@ def main() -> int:
                                  ob["a_n16"]["tokens_per_s"], "ratio": round(eff, 3)}
         print(f"\nengine efficiency: onebox (a) N=16 {ob['a_n16']['tokens_per_s']:.1f} tok/s / bare llama_decode loop "
               f"{bare:.1f} tok/s = {eff:.2f}")
+    if bare_b is not None:
+        summary["b_ceiling"] = {"bare_decode_tokens_per_s": round(bare_b, 1)}
+        line = f"(b) ceiling: a bare llama_decode loop doing (b)'s work gives {bare_b:.1f} tok/s"
+        if "llama_cpp.server" in results:
+            limit = bare_b / max(results["llama_cpp.server"]["b_shared_system_26"]["tokens_per_s"], 1e-9)
+            summary["b_ceiling"]["over_baseline"] = round(limit, 2)
+            line += f" = x{limit:.2f} of llama_cpp.server's (b): no engine on this build and machine can do more"
+        print(line)
     if "onebox" in results and "c_mixed_20_short_6_long" in results["onebox"]:
         c = results["onebox"]["c_mixed_20_short_6_long"]
         summary["c_check"] = {"errors": c["errors"], "peak_rss_mib": c["peak_rss_mib"], "budget_mib": budget_mib}
