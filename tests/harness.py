@@ -19,7 +19,7 @@ READY_TIMEOUT = 60.0
 
 
 def write_config(directory: Path, extra: str = "", model: dict[str, Any] | None = None,
-                 heartbeat: float = 0.2) -> Path:
+                 heartbeat: float = 0.2, name: str = "smollm2") -> Path:
     """A config whose sockets and state live in `directory`; fast heartbeats for tests."""
     fields = {"path": MODEL_PATH, "n_ctx": 2048, "threads": 2, "capacity": 16, "default_max_tokens": 64}
     fields.update(model or {})
@@ -32,7 +32,7 @@ def write_config(directory: Path, extra: str = "", model: dict[str, Any] | None 
         "[bus]",
         f"heartbeat_interval_s = {heartbeat}",
         "heartbeat_liveness = 3",
-        "[models.smollm2]",
+        f"[models.{name}]",
     ]
     for key, value in fields.items():
         lines.append(f"{key} = {value!r}".replace("'", '"') if isinstance(value, str)
@@ -113,11 +113,11 @@ class Suite:
 
 
 @contextmanager
-def running_suite(directory: Path, config: Path | None = None) -> Iterator[Suite]:
+def running_suite(directory: Path, config: Path | None = None, model: str = "smollm2") -> Iterator[Suite]:
     suite = Suite(directory, config)
     try:
         suite.start_router()
-        suite.start_infer()
+        suite.start_infer(model)
         suite.wait_api_ready()
         yield suite
     finally:

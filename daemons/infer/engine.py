@@ -459,8 +459,8 @@ class BatchEngine:
         ttft = (s.first_token_at or time.monotonic()) - s.started
         self.emit.final(s.req.id, {
             "finish_reason": reason,
-            "usage": {"prompt_tokens": len(s.prompt), "completion_tokens": s.produced},
-            "timings": {"seconds": round(elapsed, 4), "first_token_s": round(ttft, 4), "cached_tokens": s.shared},
+            "usage": {"prompt_tokens": len(s.prompt), "completion_tokens": s.produced, "cached_tokens": s.shared},
+            "timings": {"seconds": round(elapsed, 4), "first_token_s": round(ttft, 4)},
         })
         self.served += 1
         log.debug("request %s: %d prompt (%d cached) + %d generated tokens in %.2f s (%s)",

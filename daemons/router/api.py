@@ -240,10 +240,14 @@ class Shape:
         }
 
     @staticmethod
-    def usage(usage: dict[str, Any]) -> dict[str, int]:
+    def usage(usage: dict[str, Any]) -> dict[str, Any]:
         prompt = int(usage.get("prompt_tokens", 0))
         completion = int(usage.get("completion_tokens", 0))
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                               "total_tokens": prompt + completion}
+        if "cached_tokens" in usage:  # prompt tokens served from the prefix cache, as OpenAI reports them
+            out["prompt_tokens_details"] = {"cached_tokens": int(usage["cached_tokens"])}
+        return out
 
     def whole(self, text: str, final: dict[str, Any]) -> dict[str, Any]:
         finish = final.get("finish_reason", "stop")
