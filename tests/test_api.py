@@ -174,6 +174,25 @@ def test_deadline_is_504(suite: Suite) -> None:
         assert ok.status_code == 200
 
 
+def test_client_gone_before_a_whole_reply_cancels_on_worker(suite: Suite) -> None:
+    """Not streamed: the client gives up (its own timeout) while the reply is being
+    generated; the router must notice and CANCEL, not let it run to the deadline."""
+    body = {"model": "smollm2", "prompt": "1, 2, 3, 4,", "max_tokens": 1500, "temperature": 0}
+    before = suite.log_text("infer@smollm2").count(" cancelled after ")
+    with suite.client(timeout=1.5) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            c.post("/v1/completions", json=body)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if suite.log_text("infer@smollm2").count(" cancelled after ") > before:
+            break
+        time.sleep(0.1)
+    assert suite.log_text("infer@smollm2").count(" cancelled after ") == before + 1
+    assert "the client went away before the reply" in suite.log_text("router")
+    with suite.client() as c:
+        assert c.post("/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
 def test_client_disconnect_cancels_on_worker(suite: Suite) -> None:
     # Greedy counting runs long: the client, not the model, ends this stream.
     body = {"model": "smollm2", "prompt": "1, 2, 3, 4,", "max_tokens": 1500, "temperature": 0, "stream": True}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -147,38 +148,48 @@ def create_app(config: Config, broker: Broker) -> FastAPI:
         call = await open_call(service, body, deadline)
         shape = Shape(req.model, call.id, chat)
         replies = aiter(call)
+        # Nothing cancels a handler when its client goes away (only a streaming
+        # response listens for that, once it runs): watch, so an abandoned call,
+        # queued or generating, frees its sequence at once.
+        gone = asyncio.ensure_future(disconnected(request))
+
+        async def next_reply() -> tuple[str, dict[str, Any]]:
+            reply = asyncio.ensure_future(anext(replies))
+            await asyncio.wait((reply, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not reply.done():
+                reply.cancel()
+                raise ClientGone
+            return reply.result()
+
+        text: list[str] = []
         try:
-            # Wait for the worker's first reply so that a refusal (prompt too long,
-            # overload) is a real HTTP status, not an error event inside a 200 stream.
-            first = await anext(replies)
+            # The first reply comes before any response, so that a refusal (prompt too
+            # long, overload) is a real HTTP status, not an error event inside a 200 stream.
+            kind, data = await next_reply()
+            if req.stream:
+                gone.cancel()  # the streaming response listens from here on
+                return StreamingResponse(
+                    stream(call, replies, (kind, data), shape, req.include_usage),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            while kind == "partial":
+                text.append(str(data.get("text", "")))
+                kind, data = await next_reply()
         except BusError as exc:
             await call.close()
             raise errors.from_bus(exc, rc.retry_after_s)
+        except ClientGone:
+            log.info("call %s: the client went away before the reply; cancelling it", call.id)
+            await call.close()
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         except BaseException:
             await call.close()
             raise
-        if req.stream:
-            return StreamingResponse(
-                stream(call, replies, first, shape, req.include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        text: list[str] = []
-        final: dict[str, Any] = {}
-        try:
-            kind, data = first
-            while True:
-                if kind == "partial":
-                    text.append(str(data.get("text", "")))
-                else:
-                    final = data
-                    break
-                kind, data = await anext(replies)
-        except BusError as exc:
-            raise errors.from_bus(exc, rc.retry_after_s)
         finally:
-            await call.close()
-        return JSONResponse(shape.whole("".join(text), final))
+            gone.cancel()
+        await call.close()
+        return JSONResponse(shape.whole("".join(text), data))
 
     async def stream(call: Call, replies: AsyncIterator[tuple[str, dict[str, Any]]],
                      first: tuple[str, dict[str, Any]], shape: Shape, include_usage: bool) -> AsyncIterator[bytes]:
@@ -206,6 +217,16 @@ def create_app(config: Config, broker: Broker) -> FastAPI:
             await call.close()
 
     return app
+
+
+class ClientGone(Exception):
+    """The HTTP client closed the connection before its reply was ready."""
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (the request body is read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class Shape:
