@@ -133,12 +133,16 @@ class Onebox(Server):
         env = {k: v for k, v in os.environ.items() if not k.startswith("ONEBOX") and k != "NOTIFY_SOCKET"}
         self.log = open(directory / "onebox.log", "ab")
         self.children = []
-        for name, args in (("router", ["router"]), (f"infer@{NAME}", ["infer", NAME])):
-            child = Child(name, [sys.executable, "-m", "daemons.ctl.main", *args, "--config", str(cfg)], env,
-                          directory / "notify", output=self.log)
-            child.start()
-            child.wait_ready(180)
-            self.children.append(child)
+        try:
+            for name, args in (("router", ["router"]), (f"infer@{NAME}", ["infer", NAME])):
+                child = Child(name, [sys.executable, "-m", "daemons.ctl.main", *args, "--config", str(cfg)], env,
+                              directory / "notify", output=self.log)
+                self.children.append(child)
+                child.start()
+                child.wait_ready(180)
+        except BaseException:
+            self.stop()  # a daemon that failed to start leaves none behind
+            raise
         self.pid = self.children[1].pid
         self.router_pid = self.children[0].pid
         self.log_path = directory / "onebox.log"
