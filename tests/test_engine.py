@@ -122,6 +122,25 @@ def test_requests_arriving_together_prefill_a_shared_prefix_once(suite: Suite) -
     assert after["tokens_saved"] - before["tokens_saved"] >= 5 * 150
 
 
+def test_a_cached_prefix_unused_for_cache_forget_tokens_is_dropped(fresh_dir: Path) -> None:
+    cfg = write_config(fresh_dir, model={"cache_forget_tokens": 300})
+    with running_suite(fresh_dir, cfg) as s:
+        def ask(question: str) -> int:
+            with s.client() as c:
+                r = c.post("/v1/chat/completions", json={
+                    "model": "smollm2", "max_tokens": 4, "temperature": 0,
+                    "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]})
+            assert r.status_code == 200, r.text
+            return int(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+        assert ask("Do you sell screws?") < 50
+        assert ask("Can I return a drill?") >= 100  # the system prompt, reused within 300 decoded tokens
+        with s.client(timeout=120) as c:  # ~410 tokens decoded, none of them the system prompt
+            assert c.post("/v1/completions", json=counting(400)).status_code == 200
+        assert ask("Do you sell paint?") < 50  # forgotten: computed again
+        assert "forgetting cached sequence" in s.log_text("infer@smollm2")
+
+
 # -- a deliberately small pool -----------------------------------------------------------
 
 

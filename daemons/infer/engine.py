@@ -68,7 +68,8 @@ class BatchEngine:
         self._thread = threading.Thread(target=self._loop, name="feeder", daemon=True)
         self.waiting: deque[Pending] = deque()
         self.active: dict[int, Seq] = {}
-        self.cached: OrderedDict[int, float] = OrderedDict()
+        # Cached prefixes, least recently used first, each with `decoded` at its last use.
+        self.cached: OrderedDict[int, int] = OrderedDict()
         self.free_ids = list(range(ctx.n_seq_max - 1, -1, -1))
         self._order = 0
         self.beat = time.monotonic()
@@ -81,6 +82,7 @@ class BatchEngine:
         self.hits = 0
         self.tokens_saved = 0
         self.steps = 0
+        self.decoded = 0  # tokens through llama_decode (prompt and generated)
         self.decode_s = 0.0  # time inside llama_decode
         self.step_s = 0.0  # time in whole steps (decode + batching + sampling + output)
         self._rate: deque[tuple[float, int]] = deque()
@@ -283,6 +285,7 @@ class BatchEngine:
         for holder in m.node.holders:
             if holder in self.cached:
                 self.cached.move_to_end(holder)
+                self.cached[holder] = self.decoded
 
     def _evict_one(self) -> int:
         sid, _ = self.cached.popitem(last=False)
@@ -296,7 +299,7 @@ class BatchEngine:
         self.active.pop(s.id, None)
         s.sampler.close()
         if keep and self.cache_on and self.tree.length(s.id):
-            self.cached[s.id] = time.monotonic()
+            self.cached[s.id] = self.decoded
             while len(self.cached) > self.mc.cached_prefixes:
                 self._evict_one()
             return 0
@@ -370,6 +373,8 @@ class BatchEngine:
         for s, toks, _ in entries:
             tree.append(s.id, toks)
         self.steps += 1
+        self.decoded += batch.n
+        self._forget_stale()
         now = time.monotonic()
         produced = 0
         for s, _, idx in entries:
@@ -379,6 +384,16 @@ class BatchEngine:
             produced += 1
             self._on_token(s, token, now)
         self._rate.append((now, produced))
+
+    def _forget_stale(self) -> None:
+        """Drop cached prefixes unused for `cache_forget_tokens` decoded tokens: their
+        cells lengthen every step's attention, and a reuse grows less likely with time."""
+        limit = self.mc.cache_forget_tokens
+        while limit and self.cached and self.decoded - next(iter(self.cached.values())) > limit:
+            sid = next(iter(self.cached))
+            log.debug("forgetting cached sequence %d (%d cells; unused for %d decoded tokens)",
+                      sid, self.tree.length(sid), self.decoded - self.cached[sid])
+            self._evict_one()
 
     def _prefill_order(self) -> list[Seq]:
         """Shortest remaining prompt first, so a burst of short chats is not stuck

@@ -34,11 +34,13 @@ def setup_value(name: str) -> str:
 
 
 def llama_wheel() -> Path:
-    """The wheel scripts/setup cached (same key: version, Python, arch, CMAKE_ARGS)."""
-    cache = Path(os.environ.get("ONEBOX_WHEEL_CACHE", Path.home() / ".cache/onebox/wheels"))
-    flags = hashlib.sha256(os.environ.get("CMAKE_ARGS", "default").encode()).hexdigest()[:12]
-    pyver = f"cp{sys.version_info[0]}{sys.version_info[1]}"
-    d = cache / f"llama-cpp-python-{setup_value('LLAMA_VERSION')}-{pyver}-{os.uname().machine}-{flags}"
+    """The wheel scripts/setup cached (scripts/wheel-cache-dir says where)."""
+    cache = os.environ.get("ONEBOX_WHEEL_CACHE", str(Path.home() / ".cache/onebox/wheels"))
+    r = subprocess.run([str(CHECKOUT / "scripts" / "wheel-cache-dir"), sys.executable, cache],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise WheelhouseError(f"scripts/wheel-cache-dir failed: {r.stderr.strip()}")
+    d = Path(r.stdout.strip())
     found = sorted(d.glob("llama_cpp_python-*.whl"))
     if not found:
         raise WheelhouseError(f"no cached llama-cpp-python wheel in {d}: run scripts/setup")
