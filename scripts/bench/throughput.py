@@ -13,10 +13,12 @@ client load, one thread per user, all users starting together:
 Per scenario and server it prints completed requests, aggregate generated tokens/s,
 TTFT and inter-token latency p50/p99, errors and peak RSS; then onebox/baseline ratios;
 then the engine efficiency: onebox's (a) N=16 tokens/s over a bare in-process
-llama_decode loop doing the same work (16 sequences, same prompts, 64 tokens each);
+llama_decode loop doing the same work (16 sequences, same prompts, their common prefix
+decoded once, 64 tokens each);
 (b)'s ceiling: the same bare loop doing (b)'s work, over llama_cpp.server's (b) (the
-most any engine on this llama.cpp build could reach on this machine); and as the last line one JSON object with every figure. Run it on a quiet machine:
-every number here is CPU-bound and shares the cores with the client.
+most any engine on this llama.cpp build could reach on this machine); and as the last
+line one JSON object with every figure. Run it on a quiet machine: every number here is
+CPU-bound and shares the cores with the client.
 
 Usage: .venv/bin/python scripts/bench/throughput.py [--quick] [--only onebox|baseline]
 It needs the `bench` extra (llama-cpp-python's [server] dependencies) and installs it
