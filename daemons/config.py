@@ -172,10 +172,12 @@ class ModelConfig:
     # Finished sequences kept as cached prefixes (LRU; evicted when cells are needed).
     # 0 turns the prefix cache off.
     cached_prefixes: int = 32
-    # A cached prefix not reused while this many tokens were decoded is dropped: every
-    # cell in the pool, cached or not, lengthens every step's attention (by about 0.26 µs
-    # per cell per batch token with the default model on 2 cores, where a reuse saves
-    # about 4 ms of prefill per token). 0 keeps them until cells are needed.
+    # A cached prefix not reused while this many tokens were decoded is dropped. Each
+    # step's attention runs over every cell up to the highest one in use, cached ones
+    # included (about 0.26 µs per cell per batch token with the default model on 2
+    # cores, where a reuse saves about 4 ms of prefill per token); freed cells are
+    # refilled from the bottom, which keeps the pool short. 0 keeps them until cells
+    # are needed.
     cache_forget_tokens: int = 8192
     # Model + KV + compute buffers + runtime must fit, else startup exits 78.
     # 0 means 80% of this machine's RAM.

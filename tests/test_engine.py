@@ -213,6 +213,22 @@ def test_admission_queues_a_request_until_cells_free(small: Suite) -> None:
     assert "before the deadline" in r3.json()["error"]["message"]
 
 
+def test_a_queued_stream_whose_client_leaves_is_dropped(small: Suite) -> None:
+    """Streamed, but still queued for cells (no first token, so no response yet): a
+    client that gives up must take the request out of the engine's queue."""
+    assert wait_for(lambda: status(small)["slots"]["busy"] == 0)
+    before = small.log_text("infer@smollm2").count("cancelled while waiting")
+    with cf.ThreadPoolExecutor(1) as ex:
+        first = ex.submit(post, small, counting(400))
+        assert wait_for(lambda: status(small)["slots"]["busy"] == 1)
+        with small.client(timeout=2) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                c.post("/v1/completions", json=counting(400, stream=True))
+        assert wait_for(lambda: small.log_text("infer@smollm2").count("cancelled while waiting") == before + 1)
+        assert wait_for(lambda: status(small)["queue"] == 0)
+        assert first.result(timeout=120).status_code == 200
+
+
 def test_cancel_frees_the_sequence_and_its_cells(small: Suite) -> None:
     assert wait_for(lambda: status(small)["slots"]["busy"] == 0)
     with small.client(timeout=60) as c:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from daemons.infer.prefix import PrefixTree
 
 
@@ -63,12 +65,18 @@ def test_sliding_window_offers_only_prefixes_a_holder_has_whole() -> None:
     assert t3.match(None, [1, 2, 3, 4, 5, 0], 6).length == 5
 
 
-def test_random_operations_keep_the_books_exact() -> None:
+@pytest.mark.parametrize("n_swa", [0, 4])
+def test_random_operations_keep_the_books_exact(n_swa: int) -> None:
     rng = random.Random(7)
-    t = PrefixTree()
+    t = PrefixTree(n_swa=n_swa)
     seqs: dict[int, list[int]] = {}  # what each sequence holds, as tokens
     cells: dict[int, list[int]] = {}  # the physical cell ids it holds
     next_cell = 0
+
+    def whole_window(src: int, length: int) -> bool:
+        """A source of length L may lack positions below L - n_swa + 1; the next token
+        after `length` attends to positions from length - n_swa + 1."""
+        return not n_swa or max(0, len(seqs[src]) - n_swa + 1) <= max(0, length - n_swa + 1)
     for _ in range(3000):
         op = rng.random()
         if op < 0.3 and len(seqs) < 12:
@@ -76,6 +84,7 @@ def test_random_operations_keep_the_books_exact() -> None:
             prompt = [rng.randrange(3) for _ in range(rng.randrange(1, 12))]
             m = t.match(None, prompt, len(prompt))
             src = t.attach(sid, m)
+            assert src is None or whole_window(src, m.length)
             seqs[sid] = prompt[: m.length]
             cells[sid] = list(cells[src][: m.length]) if src is not None else []
         elif op < 0.7 and seqs:
@@ -94,6 +103,7 @@ def test_random_operations_keep_the_books_exact() -> None:
             src = t.attach(sid, m)
             if src is not None:
                 assert cells[src][:start] == cells[sid], "copied from a sequence on another path"
+                assert whole_window(src, m.length)
                 seqs[sid] = target[: m.length]
                 cells[sid] = list(cells[src][: m.length])
         elif seqs:

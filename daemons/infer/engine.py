@@ -345,17 +345,15 @@ class BatchEngine:
             entries.append((s, [s.pending], batch.add(s.id, [s.pending], pos, True)))
         budget = self.step_tokens - batch.n
         for s in self._prefill_order():
-            if budget <= 0:
-                break
             pos = tree.length(s.id)
-            if self.cache_on:
+            if self.cache_on:  # cells that exist cost nothing to take, even in a full step
                 m = tree.match(s.id, s.prompt, len(s.prompt) - 1)
                 if m.length > pos:
                     self._attach(s, m)
                     pos = m.length
-            if self._waits_for_leader(s, pos):
+            if budget <= 0 or self._waits_for_leader(s, pos):
                 continue
-            take = min(len(s.prompt) - pos, budget)
+            take = min(len(s.prompt) - pos, budget, self._branch_point(s, pos) - pos)
             toks = s.prompt[pos:pos + take]
             done = pos + take == len(s.prompt)
             idx = batch.add(s.id, toks, pos, done)
@@ -386,14 +384,28 @@ class BatchEngine:
         self._rate.append((now, produced))
 
     def _forget_stale(self) -> None:
-        """Drop cached prefixes unused for `cache_forget_tokens` decoded tokens: their
-        cells lengthen every step's attention, and a reuse grows less likely with time."""
+        """Drop cached prefixes unused for `cache_forget_tokens` decoded tokens: each
+        step's attention runs over every cell up to the highest in use, theirs too, and
+        a reuse grows less likely with time."""
         limit = self.mc.cache_forget_tokens
         while limit and self.cached and self.decoded - next(iter(self.cached.values())) > limit:
             sid = next(iter(self.cached))
             log.debug("forgetting cached sequence %d (%d cells; unused for %d decoded tokens)",
                       sid, self.tree.length(sid), self.decoded - self.cached[sid])
             self._evict_one()
+
+    def _branch_point(self, s: Seq, pos: int) -> int:
+        """Where `s` must end this step's chunk: its prompt's end, or, with a sliding
+        window, the first point past `pos` where a later request waiting on it branches
+        off (a sequence can give its cells only while no longer than the match; see
+        PrefixTree)."""
+        stop = len(s.prompt)
+        if self.tree.n_swa:
+            for f in self.active.values():
+                n = f.lcp.get(s.order)
+                if n is not None and pos < n < stop and f.prefilling and f.order > s.order:
+                    stop = n
+        return stop
 
     def _prefill_order(self) -> list[Seq]:
         """Shortest remaining prompt first, so a burst of short chats is not stuck

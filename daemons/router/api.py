@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -25,6 +25,7 @@ from daemons.router.schemas import ChatRequest, CompletionRequest, Sampling
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def infer_service(model: str) -> str:
@@ -145,51 +146,38 @@ def create_app(config: Config, broker: Broker) -> FastAPI:
     async def generate(req: Sampling, body: dict[str, Any], request: Request, chat: bool) -> Response:
         deadline = deadline_for(request)
         service = check_model(req.model)
-        call = await open_call(service, body, deadline)
-        shape = Shape(req.model, call.id, chat)
-        replies = aiter(call)
         # Nothing cancels a handler when its client goes away (only a streaming
         # response listens for that, once it runs): watch, so an abandoned call,
-        # queued or generating, frees its sequence at once.
+        # waiting for a worker, queued or generating, gives its place up at once.
         gone = asyncio.ensure_future(disconnected(request))
-
-        async def next_reply() -> tuple[str, dict[str, Any]]:
-            reply = asyncio.ensure_future(anext(replies))
-            await asyncio.wait((reply, gone), return_when=asyncio.FIRST_COMPLETED)
-            if not reply.done():
-                reply.cancel()
-                raise ClientGone
-            return reply.result()
-
-        text: list[str] = []
+        call: Call | None = None
+        streaming = False
         try:
+            call = await unless_gone(open_call(service, body, deadline), gone)
+            shape = Shape(req.model, call.id, chat)
+            replies = aiter(call)
             # The first reply comes before any response, so that a refusal (prompt too
             # long, overload) is a real HTTP status, not an error event inside a 200 stream.
-            kind, data = await next_reply()
+            first = await unless_gone(anext(replies), gone)
             if req.stream:
-                gone.cancel()  # the streaming response listens from here on
+                streaming = True  # the response closes the call, and listens for the client
                 return StreamingResponse(
-                    stream(call, replies, (kind, data), shape, req.include_usage),
+                    stream(call, replies, first, shape, req.include_usage),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
-            while kind == "partial":
-                text.append(str(data.get("text", "")))
-                kind, data = await next_reply()
+            text, final = await unless_gone(whole(first, replies), gone)
+            return JSONResponse(shape.whole(text, final))
         except BusError as exc:
-            await call.close()
             raise errors.from_bus(exc, rc.retry_after_s)
         except ClientGone:
-            log.info("call %s: the client went away before the reply; cancelling it", call.id)
-            await call.close()
+            log.info("call %s: the client went away before the reply; cancelling it",
+                     call.id if call else "(not yet sent)")
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        except BaseException:
-            await call.close()
-            raise
         finally:
             gone.cancel()
-        await call.close()
-        return JSONResponse(shape.whole("".join(text), data))
+            if call is not None and not streaming:
+                await call.close()  # sends CANCEL unless the call finished
 
     async def stream(call: Call, replies: AsyncIterator[tuple[str, dict[str, Any]]],
                      first: tuple[str, dict[str, Any]], shape: Shape, include_usage: bool) -> AsyncIterator[bytes]:
@@ -223,10 +211,37 @@ class ClientGone(Exception):
     """The HTTP client closed the connection before its reply was ready."""
 
 
+async def unless_gone(aw: Awaitable[T], gone: asyncio.Future[None]) -> T:
+    """`aw`'s result, or ClientGone if the client leaves first (`aw` is then cancelled)."""
+    task = asyncio.ensure_future(aw)
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+    if not task.done():
+        raise ClientGone  # the client went; `task` unwinds on its own (open_call gives its slot back)
+    return task.result()
+
+
+async def whole(first: tuple[str, dict[str, Any]], replies: AsyncIterator[tuple[str, dict[str, Any]]]
+                ) -> tuple[str, dict[str, Any]]:
+    """The text of a non-streamed reply and its FINAL."""
+    text: list[str] = []
+    kind, data = first
+    while kind == "partial":
+        text.append(str(data.get("text", "")))
+        kind, data = await anext(replies)
+    return "".join(text), data
+
+
 async def disconnected(request: Request) -> None:
     """Returns when the client has closed the connection (the request body is read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception as exc:  # the connection broke: the client is as good as gone
+        log.debug("receive() failed while watching for a disconnect: %r", exc)
 
 
 class Shape:

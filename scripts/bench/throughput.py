@@ -16,9 +16,9 @@ then the engine efficiency: onebox's (a) N=16 tokens/s over a bare in-process
 llama_decode loop doing the same work (16 sequences, same prompts, their common prefix
 decoded once, 64 tokens each);
 (b)'s ceiling: the same bare loop doing (b)'s work, over llama_cpp.server's (b) (the
-most any engine on this llama.cpp build could reach on this machine); and as the last
-line one JSON object with every figure. Run it on a quiet machine: every number here is
-CPU-bound and shares the cores with the client.
+most an engine with the same threads and step size gets from this llama.cpp build on
+this machine); and as the last line one JSON object with every figure. Run it on a
+quiet machine: every number here is CPU-bound and shares the cores with the client.
 
 Usage: .venv/bin/python scripts/bench/throughput.py [--quick] [--only onebox|baseline]
 It needs the `bench` extra (llama-cpp-python's [server] dependencies) and installs it
@@ -498,7 +498,8 @@ def main() -> int:
         if "llama_cpp.server" in results:
             limit = bare_b / max(results["llama_cpp.server"]["b_shared_system_26"]["tokens_per_s"], 1e-9)
             summary["b_ceiling"]["over_baseline"] = round(limit, 2)
-            line += f" = x{limit:.2f} of llama_cpp.server's (b): no engine on this build and machine can do more"
+            line += (f" = x{limit:.2f} of llama_cpp.server's (b): the most an engine with these settings "
+                     "gets from this build on this machine")
         print(line)
     if "onebox" in results and "c_mixed_20_short_6_long" in results["onebox"]:
         c = results["onebox"]["c_mixed_20_short_6_long"]
