@@ -174,8 +174,8 @@ class ModelConfig:
     cached_prefixes: int = 32
     # A cached prefix not reused while this many tokens were decoded is dropped. Each
     # step's attention runs over every cell up to the highest one in use, cached ones
-    # included (about 0.26 µs per cell per batch token with the default model on 2
-    # cores, where a reuse saves about 4 ms of prefill per token); freed cells are
+    # included (0.1 to 0.25 µs per cell per batch token with the default model on 2
+    # cores, scripts/bench/step_cost.py; a reuse saves about 4 ms of prefill per token); freed cells are
     # refilled from the bottom, which keeps the pool short. 0 keeps them until cells
     # are needed.
     cache_forget_tokens: int = 8192

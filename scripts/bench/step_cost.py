@@ -111,7 +111,7 @@ def main() -> int:
         print(f"  each resident cell adds {per_cell:.3f} us per batch token to a step", flush=True)
         print(f"prefill: one 2000-token prompt in chunks of {args.step}", flush=True)
         for fa in (True, False):
-            for others in (0, 8000):
+            for others in (0, 4000):
                 s = prefill_s(lm, args.threads, others, fa, args.step)
                 out["prefill"].append({"flash_attn": fa, "other_cells": others, "seconds": round(s, 2)})
                 print(f"  flash attention {'on ' if fa else 'off'}  other cells {others:5d}: {s:6.2f} s "
