@@ -13,8 +13,8 @@ client load, one thread per user, all users starting together:
 Per scenario and server it prints completed requests, aggregate generated tokens/s,
 TTFT and inter-token latency p50/p99, errors and peak RSS; then onebox/baseline ratios;
 then the engine efficiency: onebox's (a) N=16 tokens/s over a bare in-process
-llama_decode loop doing the same work (16 sequences, same prompts, their common prefix
-decoded once, 64 tokens each);
+llama_decode loop at the same batch size (16 sequences, same prompts, 64 tokens each),
+and over that loop with the prompts' common prefix decoded once, as onebox does;
 (b)'s ceiling: the same bare loop doing (b)'s work, over llama_cpp.server's (b) (the
 most an engine with the same threads and step size gets from this llama.cpp build on
 this machine); and as the last line one JSON object with every figure. Run it on a
@@ -318,11 +318,11 @@ def scenarios(quick: bool, tokenize: Any) -> list[tuple[str, list[list[dict[str,
 
 
 def bare_decode(model_path: Path, threads: int, prompts: list[list[int]], new_tokens: int, kv: int,
-                step: int, flash_attn: bool) -> float:
-    """Generated tokens/s of a plain loop: the prompts' common prefix decoded once and
-    shared by seq_cp, the rest of every prompt prefilled in chunks of `step`, then one
-    llama_decode per step with one token per sequence, greedy. No scheduling, no I/O:
-    the most this llama.cpp build can do with that work on this machine."""
+                step: int, flash_attn: bool, share: bool) -> float:
+    """Generated tokens/s of a plain loop: every prompt prefilled in chunks of `step`
+    (with `share`, their common prefix decoded once and given to all by seq_cp), then
+    one llama_decode per step with one token per sequence, greedy. No scheduling, no
+    I/O: the most this llama.cpp build does with that work on this machine."""
     import llama_cpp
 
     from daemons.infer import native
@@ -335,7 +335,7 @@ def bare_decode(model_path: Path, threads: int, prompts: list[list[int]], new_to
         t0 = time.perf_counter()
         last_idx: dict[int, int] = {}
         tokens: dict[int, int] = {}
-        shared = min(len(p) for p in prompts) - 1
+        shared = min(len(p) for p in prompts) - 1 if share else 0
         for p in prompts[1:]:
             shared = next((i for i in range(shared) if p[i] != prompts[0][i]), shared)
         pos = [shared] * len(prompts)
@@ -464,14 +464,18 @@ def main() -> int:
     model = Model.load(model_path, mc)
     a16 = [[{"role": "user", "content": f"Write a short paragraph about {TOPICS[i]}."}] for i in range(16)]
     toks = [model.prompt_tokens(parse({"kind": "chat", "messages": m})) for m in a16]
-    bare = bare_decode(model_path, args.threads, toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens, mc.flash_attn)
+    bare = bare_decode(model_path, args.threads, toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens, mc.flash_attn,
+                       share=False)
+    # The same, with the prompts' common prefix (the chat template's) decoded once, as onebox does.
+    bare_shared = bare_decode(model_path, args.threads, toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens,
+                              mc.flash_attn, share=True)
     # (b)'s ceiling: its 26 prompts through the same bare loop (system prompt decoded once).
     b_prompts = dict(plan).get("b_shared_system_26")
     bare_b = None
     if b_prompts:
         b_toks = [model.prompt_tokens(parse({"kind": "chat", "messages": m})) for m in b_prompts]
         bare_b = bare_decode(model_path, args.threads, b_toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens,
-                             mc.flash_attn)
+                             mc.flash_attn, share=True)
 
     print("\nratios (onebox / llama_cpp.server):")
     summary: dict[str, Any] = {"model": model_path.name, "threads": args.threads, "n_ctx": N_CTX,
@@ -488,10 +492,14 @@ def main() -> int:
     if "onebox" in results and "a_n16" in results["onebox"]:
         ob = results["onebox"]
         eff = ob["a_n16"]["tokens_per_s"] / bare
+        same = ob["a_n16"]["tokens_per_s"] / bare_shared
         summary["efficiency"] = {"bare_decode_tokens_per_s": round(bare, 1), "onebox_a16_tokens_per_s":
-                                 ob["a_n16"]["tokens_per_s"], "ratio": round(eff, 3)}
+                                 ob["a_n16"]["tokens_per_s"], "ratio": round(eff, 3),
+                                 "bare_decode_shared_prefix_tokens_per_s": round(bare_shared, 1),
+                                 "ratio_shared_prefix": round(same, 3)}
         print(f"\nengine efficiency: onebox (a) N=16 {ob['a_n16']['tokens_per_s']:.1f} tok/s / bare llama_decode loop "
-              f"{bare:.1f} tok/s = {eff:.2f}")
+              f"{bare:.1f} tok/s = {eff:.2f}; over the same loop with the template prefix decoded once "
+              f"({bare_shared:.1f} tok/s): {same:.2f}")
     if bare_b is not None:
         summary["b_ceiling"] = {"bare_decode_tokens_per_s": round(bare_b, 1)}
         line = f"(b) ceiling: a bare llama_decode loop doing (b)'s work gives {bare_b:.1f} tok/s"
@@ -517,7 +525,8 @@ def main() -> int:
         t["c_only_clean_400s"] = set(c["errors"]) <= {"400"}
         t["c_peak_rss_within_budget"] = c["budget_mib"] is not None and c["peak_rss_mib"] <= c["budget_mib"]
     if "efficiency" in summary:
-        t["efficiency_ge_0.9"] = summary["efficiency"]["ratio"] >= 0.9
+        # Against the loop doing the same work as onebox (the stricter of the two).
+        t["efficiency_ge_0.9"] = summary["efficiency"]["ratio_shared_prefix"] >= 0.9
     summary["targets"] = t
     if t:
         print("targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in t.items()))
