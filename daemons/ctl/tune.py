@@ -186,7 +186,7 @@ def plan(topo: Topology) -> Plan:
         "(one per physical core: SMT siblings add little to matrix work)",
         f"feeder: on the inference CPUs at SCHED_FIFO {FEEDER_PRIORITY}; not on one core of its own, because "
         "llama.cpp's compute threads are started by the feeder and inherit its CPU mask",
-        f"kernel: IRQs on the housekeeping CPUs, no timer tick and no RCU callbacks on the inference CPUs",
+        "kernel: IRQs on the housekeeping CPUs, no timer tick and no RCU callbacks on the inference CPUs",
     ]
     if other_nodes:
         notes.append(f"background (embed, ocr, ingest): the other node(s), CPUs {fmt(other_nodes)}, "
@@ -231,7 +231,7 @@ def render(topo: Topology, p: Plan) -> dict[str, str]:
              f"# Inference on node {p.node}'s CPUs {fmt(p.infer)}. CPUAffinity= pins the processes;",
              "# AllowedCPUs= is the same as a cgroup cpuset, enforced where cpuset is on cgroup v2.",
              f"CPUAffinity={fmt(p.infer)}", f"AllowedCPUs={fmt(p.infer)}",
-             f"# The request path: the highest weight in onebox.slice (weights, never CPUQuota=).",
+             "# The request path: the highest weight in onebox.slice (weights, never CPUQuota=).",
              f"CPUWeight={WEIGHTS['infer']}",
              "# The decode (\"feeder\") thread and llama.cpp threads, as config overrides for this",
              "# instance (models.<instance>.*); onebox.toml is left as the admin wrote it. With several",

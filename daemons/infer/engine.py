@@ -388,10 +388,12 @@ class BatchEngine:
         step's attention runs over every cell up to the highest in use, theirs too, and
         a reuse grows less likely with time."""
         limit = self.mc.cache_forget_tokens
-        while limit and self.cached and self.decoded - next(iter(self.cached.values())) > limit:
-            sid = next(iter(self.cached))
+        while limit and self.cached:
+            sid, last_used = next(iter(self.cached.items()))  # the least recently used
+            if self.decoded - last_used <= limit:
+                return
             log.debug("forgetting cached sequence %d (%d cells; unused for %d decoded tokens)",
-                      sid, self.tree.length(sid), self.decoded - self.cached[sid])
+                      sid, self.tree.length(sid), self.decoded - last_used)
             self._evict_one()
 
     def _branch_point(self, s: Seq, pos: int) -> int:
