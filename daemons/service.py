@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType
 
@@ -64,10 +65,11 @@ def setup_logging(level: str, name: str) -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
-def load_config_or_exit(path: str | None) -> Config:
-    """Load the config; on error print what is wrong and where, and exit 78."""
+def load_config_or_exit(path: str | None, sections: Iterable[str] | None = None) -> Config:
+    """Load the config (checking `sections`, by default all); on error print what is
+    wrong and where, and exit 78."""
     try:
-        return config_mod.load(path)
+        return config_mod.load(path, sections=sections)
     except ConfigError as exc:
         print(f"onebox: config error: {exc}", file=sys.stderr)
         sys.exit(EX_CONFIG)
@@ -110,6 +112,10 @@ class Notifier:
 
     def status(self, text: str) -> None:
         self.send(f"STATUS={text}")
+
+    def extend_timeout(self, seconds: float, status: str) -> None:
+        """Ask systemd for `seconds` more before it gives up on the start (a slow load)."""
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}\nSTATUS={status}")
 
     def stopping(self, status: str = "stopping") -> None:
         self.send(f"STOPPING=1\nSTATUS={status}")

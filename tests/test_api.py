@@ -96,7 +96,7 @@ def test_models_health_ready(suite: Suite) -> None:
         assert [m["id"] for m in models["data"]] == ["smollm2"]
         assert c.get("/health").json() == {"status": "ok"}
         ready = c.get("/ready")
-        assert ready.status_code == 200 and ready.json()["workers"] == {"smollm2": 1}
+        assert ready.status_code == 200 and ready.json()["services"] == {"infer/smollm2": 1}
 
 
 def test_curl_over_unix_socket(suite: Suite) -> None:

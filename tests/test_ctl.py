@@ -114,21 +114,30 @@ def test_unknown_command_is_an_error() -> None:
 
 def test_bad_config_exits_78_saying_what_and_where(fresh_dir: Path) -> None:
     bad = fresh_dir / "bad.toml"
+    # Each daemon refuses errors in the sections it reads; `up` runs them all, so it reads all.
+    everyone = (["router"], ["infer", "smollm2"], ["up"])
     cases = {
-        "[router]\nsocket_mode = 660\n": "router.socket_mode: expected str",
-        "[router]\ntcp = \"nonsense\"\n": "router.tcp: expected HOST:PORT",
-        "[rooter]\n": "unknown section [rooter]",
-        "[bus]\nheartbeat_interval_s = 0\n": "bus.heartbeat_interval_s",
-        "not toml [": "not valid TOML",
+        "[router]\nsocket_mode = 660\n": ("router.socket_mode: expected str", (["router"], ["up"])),
+        "[router]\ntcp = \"nonsense\"\n": ("router.tcp: expected HOST:PORT", (["router"], ["up"])),
+        "[rooter]\n": ("unknown section [rooter]", everyone),
+        "[bus]\nheartbeat_interval_s = 0\n": ("bus.heartbeat_interval_s", everyone),
+        "[models.smollm2]\npath = 5\n": ("models.smollm2.path: expected str", everyone),
+        "not toml [": ("not valid TOML", everyone),
     }
     env = clean_env(fresh_dir)
-    for text, needle in cases.items():
+    for text, (needle, refusing) in cases.items():
         bad.write_text(text)
-        for argv in (["router"], ["infer", "smollm2"], ["up"]):
+        for argv in refusing:
             r = subprocess.run(ONEBOX + argv + ["--config", str(bad)], capture_output=True, text=True, env=env,
                                timeout=30)
             assert r.returncode == 78, (argv, text, r.stderr)
             assert str(bad) in r.stderr and needle in r.stderr, r.stderr
+    # The inference daemon does not read [router]: an error there is not its business
+    # (here it goes on, and stops on its own section's problem: a missing model file).
+    bad.write_text('[router]\ntcp = "nonsense"\n[models.smollm2]\npath = "no/such.gguf"\n')
+    r = subprocess.run(ONEBOX + ["infer", "smollm2", "--config", str(bad)], capture_output=True, text=True,
+                       env=env, timeout=30)
+    assert r.returncode == 78 and "not found in" in r.stderr and "router.tcp" not in r.stderr, r.stderr
     r = subprocess.run(ONEBOX + ["infer", "nosuch", "--config", str(ROOT / "etc/onebox/onebox.toml")],
                        capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode == 78 and "no [models.nosuch]" in r.stderr
@@ -139,6 +148,32 @@ def test_bad_config_exits_78_saying_what_and_where(fresh_dir: Path) -> None:
     r = subprocess.run(ONEBOX + ["router", "--config", str(fresh_dir / "absent.toml")],
                        capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode == 78 and "config file not found" in r.stderr
+
+
+def test_config_check_reports_every_error(fresh_dir: Path) -> None:
+    bad = fresh_dir / "several.toml"
+    bad.write_text('[router]\nsocket_mode = 660\ntcp = "x"\n[bus]\nheartbeat_liveness = 1\n'
+                   '[models.a]\nslots = 0\nengine = "fast"\n[models.b]\nthreads = "two"\n[rooter]\n')
+    r = subprocess.run(ONEBOX + ["config", "check", "--config", str(bad)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 78, r.stdout + r.stderr
+    for needle in ("router.socket_mode: expected str", "router.tcp: expected HOST:PORT",
+                   "bus.heartbeat_liveness: must be at least 2", "models.a.slots: must be at least 1",
+                   'models.a.engine: expected one of "batch" | "simple"', "models.a.path: required",
+                   "models.b.threads: expected int", "models.b.path: required", "unknown section [rooter]"):
+        assert needle in r.stderr, (needle, r.stderr)
+    assert "9 error(s)" in r.stderr, r.stderr
+    good = subprocess.run(ONEBOX + ["config", "check", "--config", str(ROOT / "etc/onebox/onebox.toml")],
+                          capture_output=True, text=True, timeout=30)
+    assert good.returncode == 0 and "ok" in good.stdout, good.stdout + good.stderr
+
+
+def test_default_config_file_is_the_declarations() -> None:
+    """etc/onebox/onebox.toml is what `onebox config defaults` writes: one source for
+    defaults, docs and checks (regenerate it with that command after changing a section)."""
+    r = subprocess.run(ONEBOX + ["config", "defaults"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0
+    assert (ROOT / "etc/onebox/onebox.toml").read_text() == r.stdout
 
 
 def test_env_overrides_reach_the_config(fresh_dir: Path) -> None:

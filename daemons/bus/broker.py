@@ -3,7 +3,10 @@
 It tracks live workers per service (heartbeats both ways; a worker silent for
 `liveness` intervals is dead and its in-flight calls fail with WorkerLost), sends each
 request to the least-loaded live worker with room, and routes PARTIAL/FINAL/ERROR
-replies back to the waiting `Call`. Malformed messages are logged and dropped.
+replies back to the waiting `Call`. The router's own handlers call `Broker.call()`;
+other daemons and `onebox` commands call through the same socket with the client
+protocol (daemons/bus/client.py), each of their calls served by a task here. Services
+named "mmi.*" are the broker's own. Malformed messages are logged and dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ from daemons.config import BusConfig
 
 log = logging.getLogger(__name__)
 
+# Calls one client may have open at once; more are refused with 429.
+MAX_CLIENT_CALLS = 1024
+MMI_STATUS = "mmi.status"
+
 
 @dataclass
 class WorkerInfo:
@@ -45,6 +52,15 @@ class WorkerInfo:
 
     def describe(self) -> str:
         return f"{self.service} worker pid {self.pid}"
+
+
+@dataclass
+class ClientInfo:
+    """A daemon or command calling services through the client protocol."""
+
+    identity: bytes
+    expiry: float
+    calls: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
 
 class Call:
@@ -103,8 +119,8 @@ class Broker:
         self._calls: dict[str, Call] = {}
         self._room = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
+        self.clients: dict[bytes, ClientInfo] = {}
         self.drops = DropLog(log, "bus message")
-        self.last_loop = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -127,9 +143,15 @@ class Broker:
     async def stop(self) -> None:
         for identity in list(self.workers):
             await self._send(identity, p.DISCONNECT, {"reason": "broker stopping"})
-        for task in self._tasks:
+        for client in list(self.clients.values()):
+            for call_id, task in list(client.calls.items()):
+                task.cancel()
+                await self._send_client(client.identity, p.ERROR, {
+                    "id": call_id, "code": 503, "message": "the router is shutting down"})
+        tasks = self._tasks + [t for c in self.clients.values() for t in c.calls.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for call in list(self._calls.values()):
             call.deliver(WorkerLost("the router is shutting down"))
         if self._sock is not None:
@@ -143,22 +165,39 @@ class Broker:
         return [w for w in self.workers.values()
                 if w.service == service and w.expiry > now and not w.draining]
 
-    def services(self) -> dict[str, list[WorkerInfo]]:
-        out: dict[str, list[WorkerInfo]] = {}
+    def snapshot(self) -> dict[str, Any]:
+        """Every service with live workers and what each last said of itself."""
+        services: dict[str, Any] = {}
+        now = time.monotonic()
         for w in self.workers.values():
-            out.setdefault(w.service, []).append(w)
-        return out
+            if w.expiry <= now:
+                continue
+            entry = {"pid": w.pid, "capacity": w.capacity, "in_flight": len(w.inflight),
+                     "draining": w.draining, **w.meta, **w.status}
+            services.setdefault(w.service, {"workers": []})["workers"].append(entry)
+        return {"services": services, "clients": len(self.clients)}
 
     # -- requests --------------------------------------------------------------------
 
-    async def call(self, service: str, body: dict[str, Any], deadline: float) -> Call:
-        """Send a request to a live worker; wait (until the deadline) for one with room."""
+    async def call(self, service: str, body: dict[str, Any], deadline: float, wait_for_worker: float = 0.0) -> Call:
+        """Send a request to a live worker; wait (until the deadline) for one with room.
+        With no live worker at all, wait up to `wait_for_worker` seconds for one to
+        register, then fail with NoWorker."""
         call = Call(self, service, deadline)
+        give_up = min(deadline, time.time() + wait_for_worker)
         async with self._room:
             while True:
                 workers = self.live(service)
                 if not workers:
-                    raise NoWorker(f"no live worker for {service}")
+                    remaining = give_up - time.time()
+                    if remaining <= 0:
+                        waited = f" after waiting {wait_for_worker:g} s for one" if wait_for_worker else ""
+                        raise NoWorker(f"no live worker for {service}{waited}")
+                    try:
+                        await asyncio.wait_for(self._room.wait(), min(remaining, self.bus.heartbeat_interval_s))
+                    except TimeoutError:
+                        pass
+                    continue
                 free = [w for w in workers if len(w.inflight) < w.capacity]
                 if free:
                     worker = min(free, key=lambda w: len(w.inflight) / w.capacity)
@@ -205,17 +244,29 @@ class Broker:
         except zmq.ZMQError as exc:
             log.warning("could not send %s to a worker: %s", p.NAMES[command], exc)
 
+    async def _send_client(self, identity: bytes, command: bytes, header: dict[str, Any]) -> None:
+        if self._sock is None:
+            return
+        try:
+            await self._sock.send_multipart([identity, *p.encode(command, header, client=True)])
+        except zmq.ZMQError as exc:
+            log.warning("could not send %s to a client: %s", p.NAMES[command], exc)
+
     async def _recv_loop(self) -> None:
         assert self._sock is not None
         while True:
             frames = await self._sock.recv_multipart(copy=True)
-            self.last_loop = time.monotonic()
             if len(frames) < 2:
                 self.drops.drop("unknown peer", "no routing identity")
                 continue
             identity, rest = frames[0], frames[1:]
             try:
                 msg = p.decode(rest, self.bus.max_message_bytes)
+                if msg.client:
+                    if msg.command not in p.FROM_CLIENT:
+                        raise p.ProtocolError(f"{msg.name} is not sent by clients")
+                    await self._handle_client(identity, msg)
+                    continue
                 if msg.command not in p.FROM_WORKER:
                     raise p.ProtocolError(f"{msg.name} is not sent by workers")
                 await self._handle(identity, msg)
@@ -276,6 +327,77 @@ class Broker:
                 self._lose(worker, "finished draining")
             await self._notify_room()
 
+    # -- clients -------------------------------------------------------------------------
+
+    async def _handle_client(self, identity: bytes, msg: p.Message) -> None:
+        now = time.monotonic()
+        client = self.clients.get(identity)
+        if client is None:
+            client = self.clients[identity] = ClientInfo(identity, now)
+        client.expiry = now + self.bus.heartbeat_interval_s * self.bus.heartbeat_liveness
+        if msg.command == p.HEARTBEAT:
+            return
+        call_id = msg.header["id"]
+        if msg.command == p.CANCEL:
+            task = client.calls.pop(call_id, None)
+            if task is not None:
+                task.cancel()
+            return
+        h = msg.header
+        if call_id in client.calls:
+            await self._send_client(identity, p.ERROR, {"id": call_id, "code": 400,
+                                                        "message": f"call id {call_id} is already in flight"})
+        elif len(client.calls) >= MAX_CLIENT_CALLS:
+            await self._send_client(identity, p.ERROR, {"id": call_id, "code": 429,
+                                                        "message": f"more than {MAX_CLIENT_CALLS} calls open"})
+        elif h["service"].startswith("mmi."):
+            await self._mmi(identity, call_id, h["service"])
+        else:
+            wait = float(h.get("wait_s") or 0.0)
+            client.calls[call_id] = asyncio.create_task(
+                self._client_call(client, call_id, h["service"], h["body"], float(h["deadline"]), wait),
+                name=f"client-call-{call_id[:16]}")
+
+    async def _mmi(self, identity: bytes, call_id: str, service: str) -> None:
+        if service == MMI_STATUS:
+            await self._send_client(identity, p.FINAL, {"id": call_id, "data": self.snapshot()})
+        else:
+            await self._send_client(identity, p.ERROR, {"id": call_id, "code": 404,
+                                                        "message": f"no broker service {service}"})
+
+    async def _client_call(self, client: ClientInfo, call_id: str, service: str, body: dict[str, Any],
+                           deadline: float, wait: float) -> None:
+        """One client call, relayed: the broker is the client's proxy to the worker."""
+        try:
+            call = await self.call(service, body, deadline, wait_for_worker=wait)
+            async for kind, data in call:
+                await self._send_client(client.identity, p.PARTIAL if kind == "partial" else p.FINAL,
+                                        {"id": call_id, "data": data})
+        except BusError as exc:
+            await self._send_client(client.identity, p.ERROR, {"id": call_id, "code": exc.code,
+                                                               "message": exc.message})
+        except asyncio.CancelledError:
+            pass  # the client cancelled or went silent; leaving `async for` sent CANCEL on
+        finally:
+            if client.calls.get(call_id) is asyncio.current_task():
+                del client.calls[call_id]
+
+    def _expire_clients(self, now: float) -> list[ClientInfo]:
+        """Clients gone silent: their calls are cancelled. The rest, with calls open, are returned."""
+        alive: list[ClientInfo] = []
+        for client in list(self.clients.values()):
+            if client.expiry > now:
+                if client.calls:
+                    alive.append(client)
+                continue
+            if client.calls:
+                log.warning("a bus client went silent with %d call(s) open (exited or hung?); cancelling them",
+                            len(client.calls))
+                for task in client.calls.values():
+                    task.cancel()
+            del self.clients[client.identity]
+        return alive
+
     def _lose(self, worker: WorkerInfo, why: str) -> None:
         self.workers.pop(worker.identity, None)
         for call_id in list(worker.inflight):
@@ -289,7 +411,8 @@ class Broker:
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
-            self.last_loop = now
+            for client in self._expire_clients(now):
+                await self._send_client(client.identity, p.HEARTBEAT, {})
             for worker in list(self.workers.values()):
                 if worker.expiry <= now:
                     log.error(

@@ -1,11 +1,13 @@
 """The onebox bus protocol: constants and a pure encode()/decode() pair.
 
 Majordomo-style (ZeroMQ RFC 7/MDP, 18/MDP), simplified to one header frame. Workers
-connect a DEALER to the broker's ROUTER; every message is three frames:
+and clients connect DEALERs to the broker's ROUTER; every message is three frames:
 
     [PROTOCOL, COMMAND, HEADER]     HEADER is a msgpack map, never pickle
 
-Commands and their required header fields:
+PROTOCOL is b"OBX1" between the broker and workers and b"OBC1" between the broker and
+clients (as MDP keeps MDPW01 and MDPC01 apart), so one socket can never be mistaken
+for the other. Worker commands and their required header fields:
 
     READY      worker -> broker   version, service, capacity, heartbeat_ms, pid
     HEARTBEAT  both ways          (none); optional status (map): a worker's engine
@@ -16,6 +18,23 @@ Commands and their required header fields:
     ERROR      both ways          id, code (HTTP-like int), message
     CANCEL     broker -> worker   id                    the client went away
     DISCONNECT both ways          reason                "forget me / re-register"
+
+Client commands (a daemon or `onebox` command calling a service through the broker):
+
+    CALL       client -> broker   id, service, deadline, body; optional wait_s: how long
+                                  to wait for a worker of that service to register
+                                  (within the deadline) before failing with 503
+    CANCEL     client -> broker   id                    stop that call
+    HEARTBEAT  both ways          (none)                sent while calls are open: a
+                                  client silent for `liveness` intervals has its calls
+                                  cancelled; a broker silent as long fails them
+    PARTIAL    broker -> client   id, data (map)
+    FINAL      broker -> client   id, data (map)
+    ERROR      broker -> client   id, code, message
+
+A client's ids are its own (the broker keeps them per client). Services whose names
+start with "mmi." are answered by the broker itself (Majordomo's management interface,
+MDP's MMI): "mmi.status" returns every service and its workers' status maps.
 
 Anything else — wrong frame count, unknown command, bad msgpack, missing or mistyped
 fields, oversized frames — raises ProtocolError; callers log it and drop the message
@@ -30,6 +49,7 @@ from typing import Any
 import msgpack
 
 PROTOCOL = b"OBX1"
+CLIENT = b"OBC1"
 VERSION = 1
 
 READY = b"\x01"
@@ -40,6 +60,7 @@ FINAL = b"\x05"
 ERROR = b"\x06"
 CANCEL = b"\x07"
 DISCONNECT = b"\x08"
+CALL = b"\x09"
 
 NAMES = {
     READY: "READY",
@@ -50,6 +71,7 @@ NAMES = {
     ERROR: "ERROR",
     CANCEL: "CANCEL",
     DISCONNECT: "DISCONNECT",
+    CALL: "CALL",
 }
 
 # Required header fields per command, with the types they must have.
@@ -63,16 +85,20 @@ SCHEMA: dict[bytes, dict[str, type | tuple[type, ...]]] = {
     ERROR: {"id": str, "code": int, "message": str},
     CANCEL: {"id": str},
     DISCONNECT: {"reason": str},
+    CALL: {"id": str, "service": str, "deadline": _NUM, "body": dict},
 }
 
 # Optional header fields: checked when present.
 OPTIONAL: dict[bytes, dict[str, type | tuple[type, ...]]] = {
     HEARTBEAT: {"status": dict},
+    CALL: {"wait_s": _NUM},
 }
 
 # Commands each side may receive.
 FROM_WORKER = frozenset({READY, HEARTBEAT, PARTIAL, FINAL, ERROR, DISCONNECT})
 FROM_BROKER = frozenset({HEARTBEAT, REQUEST, ERROR, CANCEL, DISCONNECT})
+FROM_CLIENT = frozenset({CALL, CANCEL, HEARTBEAT})
+TO_CLIENT = frozenset({PARTIAL, FINAL, ERROR, HEARTBEAT})
 
 MAX_ID_LEN = 128
 MAX_SERVICE_LEN = 128
@@ -86,6 +112,8 @@ class ProtocolError(ValueError):
 class Message:
     command: bytes
     header: dict[str, Any]
+    # Sent under the client protocol (CLIENT), not the worker one.
+    client: bool = False
 
     @property
     def name(self) -> str:
@@ -97,11 +125,14 @@ class Message:
         return value if isinstance(value, str) else None
 
 
-def encode(command: bytes, header: dict[str, Any] | None = None) -> list[bytes]:
-    """Frames for one message. Raises ProtocolError for a header that fails the schema."""
+def encode(command: bytes, header: dict[str, Any] | None = None, client: bool = False) -> list[bytes]:
+    """Frames for one message. Raises ProtocolError for a header that fails the schema
+    or a command the protocol does not have."""
     header = {} if header is None else header
+    if client and command not in FROM_CLIENT | TO_CLIENT:
+        raise ProtocolError(f"{NAMES.get(command, command)!r} is not a client command")
     _validate(command, header)
-    return [PROTOCOL, command, msgpack.packb(header, use_bin_type=True)]
+    return [CLIENT if client else PROTOCOL, command, msgpack.packb(header, use_bin_type=True)]
 
 
 def decode(frames: list[bytes], max_bytes: int = 4 * 1024 * 1024) -> Message:
@@ -109,9 +140,10 @@ def decode(frames: list[bytes], max_bytes: int = 4 * 1024 * 1024) -> Message:
     if len(frames) != 3:
         raise ProtocolError(f"expected 3 frames, got {len(frames)}")
     proto, command, raw = frames
-    if proto != PROTOCOL:
+    if proto not in (PROTOCOL, CLIENT):
         raise ProtocolError(f"unknown protocol {bytes(proto[:16])!r}")
-    if command not in SCHEMA:
+    client = proto == CLIENT
+    if command not in SCHEMA or (client and command not in FROM_CLIENT | TO_CLIENT):
         raise ProtocolError(f"unknown command {bytes(command[:8])!r}")
     if len(raw) > max_bytes:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds {max_bytes}")
@@ -124,7 +156,7 @@ def decode(frames: list[bytes], max_bytes: int = 4 * 1024 * 1024) -> Message:
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
     _validate(command, header)
-    return Message(command, header)
+    return Message(command, header, client)
 
 
 def _validate(command: bytes, header: dict[str, Any]) -> None:
@@ -144,9 +176,13 @@ def _validate(command: bytes, header: dict[str, Any]) -> None:
     ident = header.get("id")
     if isinstance(ident, str) and not 0 < len(ident) <= MAX_ID_LEN:
         raise ProtocolError(f"{NAMES[command]}: id must be 1..{MAX_ID_LEN} characters")
-    if command == READY:
+    if command in (READY, CALL):
         if not 0 < len(header["service"]) <= MAX_SERVICE_LEN:
-            raise ProtocolError("READY: service must be 1..128 characters")
+            raise ProtocolError(f"{NAMES[command]}: service must be 1..{MAX_SERVICE_LEN} characters")
+    wait = header.get("wait_s")
+    if command == CALL and isinstance(wait, (int, float)) and not 0 <= wait <= 86_400:
+        raise ProtocolError("CALL: wait_s must be 0..86400")
+    if command == READY:
         if not 1 <= header["capacity"] <= 65536:
             raise ProtocolError("READY: capacity must be 1..65536")
         if not 10 <= header["heartbeat_ms"] <= 600_000:

@@ -1,11 +1,15 @@
-"""Start a daemon as a child process and wait for READY=1 the way systemd does.
+"""Starting daemons as child processes and waiting for READY=1 the way systemd does.
 
 Each child gets its own NOTIFY_SOCKET (a datagram socket this process reads), so
-`onebox up` and the tests see exactly the sd_notify messages systemd would.
+`onebox up`, the tests and the benchmarks see exactly the sd_notify messages systemd
+would. `Suite` is a set of them: started in order, each waited for, stopped in reverse
+order, with their logs kept. Every child dies with the process that started it
+(PR_SET_PDEATHSIG), the last line of defence when the launcher itself is killed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import select
@@ -13,17 +17,33 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import httpx
+
+from daemons.registry import Instance
 
 log = logging.getLogger(__name__)
 
 EXIT_MEANINGS = {78: "configuration error", 69: "unavailable", 70: "internal error"}
+PR_SET_PDEATHSIG = 1
 
 
 class LaunchError(Exception):
     pass
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    def preexec() -> None:
+        # Runs in the child between fork and exec. The signal comes when the thread
+        # that forked exits: children are started from the launcher's main thread.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
 
 
 class Child:
@@ -59,6 +79,7 @@ class Child:
         env = {**self.env, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONFAULTHANDLER": "1"}
         # Own session: Ctrl-C reaches only the launcher, which stops children in order.
         self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent(os.getpid()),
                                      stdout=self.output, stderr=subprocess.STDOUT if self.output else None)
         self.ready = False
 
@@ -137,3 +158,130 @@ class Child:
                 os.unlink(self.notify_path)
             except FileNotFoundError:
                 pass
+
+
+class Suite:
+    """Daemons of one config, run as children: `onebox up`, the tests, the benchmarks.
+
+    With `log_dir`, each child's output goes to LOG_DIR/NAME.log (kept after stop);
+    without, children write to this process's own stdout and stderr.
+    """
+
+    def __init__(self, config_path: Path, env: Mapping[str, str], runtime_dir: Path,
+                 log_dir: Path | None = None) -> None:
+        self.config_path = config_path
+        self.env = dict(env)
+        self.runtime_dir = runtime_dir
+        self.api_socket = runtime_dir / "api.sock"
+        self.log_dir = log_dir
+        self.children: dict[str, Child] = {}
+        self._logs: list[IO[bytes]] = []
+
+    def log_path(self, name: str) -> Path:
+        if self.log_dir is None:
+            raise LaunchError("this suite's children write to the terminal, not to log files")
+        return self.log_dir / f"{name}.log"
+
+    def log_text(self, name: str) -> str:
+        return self.log_path(name).read_text(errors="replace")
+
+    def start(self, name: str, argv: Sequence[str], wait: float | None = 60.0,
+              env: Mapping[str, str] | None = None) -> Child:
+        """Start one child (replacing a previous one of that name) and wait for READY."""
+        old = self.children.get(name)
+        if old is not None:
+            old.stop(5)
+        out: IO[bytes] | None = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_path(name), "ab")
+            self._logs.append(out)
+        child = Child(name, argv, {**self.env, **(env or {})}, self.runtime_dir / "notify", output=out)
+        self.children[name] = child
+        child.start()
+        if wait:
+            child.wait_ready(wait)
+        return child
+
+    def start_instance(self, inst: Instance, wait: float | None = 60.0, env: Mapping[str, str] | None = None,
+                       ) -> Child:
+        return self.start(inst.label, inst.argv(self.config_path), wait=wait, env=env)
+
+    def start_all(self, instances: Sequence[Instance], wait: float = 120.0,
+                  on_ready: Callable[[Child], None] | None = None, interrupted: Callable[[], bool] | None = None
+                  ) -> None:
+        """In order, each waited for before the next (the router first: it is the broker)."""
+        for inst in instances:
+            child = self.start_instance(inst, wait=wait)
+            if on_ready is not None:
+                on_ready(child)
+            if interrupted is not None and interrupted():
+                raise LaunchError("interrupted")
+
+    def dead(self) -> Child | None:
+        """A child that has exited, if any (for a supervisor loop)."""
+        for child in self.children.values():
+            child.read_notify()
+            if child.exit_code() is not None:
+                return child
+        return None
+
+    def stop(self, timeout: float = 15.0, on_stopped: Callable[[Child], None] | None = None,
+             hurry: Callable[[], bool] | None = None) -> None:
+        """SIGTERM to all in reverse start order (the workers, then the broker, so the last
+        replies can still reach it), wait up to `timeout` in all, SIGKILL what is left."""
+        kids = list(reversed(self.children.values()))
+        for child in kids:
+            if child.exit_code() is None:
+                child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in kids:
+            while child.exit_code() is None and time.monotonic() < deadline and not (hurry and hurry()):
+                time.sleep(0.05)
+            child.stop(timeout=0)
+            if on_stopped is not None:
+                on_stopped(child)
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+
+    # -- asking the running suite ------------------------------------------------------
+
+    def client(self, timeout: float = 60.0) -> httpx.Client:
+        transport = httpx.HTTPTransport(uds=str(self.api_socket))
+        return httpx.Client(transport=transport, base_url="http://onebox", timeout=timeout)
+
+    def async_client(self, timeout: float = 60.0) -> httpx.AsyncClient:
+        transport = httpx.AsyncHTTPTransport(uds=str(self.api_socket))
+        return httpx.AsyncClient(transport=transport, base_url="http://onebox", timeout=timeout)
+
+    def wait_api_ready(self, timeout: float = 20.0) -> None:
+        """Until GET /ready says every enabled service has a live worker."""
+        self.wait_for(lambda c: c.get("/ready").status_code == 200, timeout, "GET /ready to say 200")
+
+    def wait_status(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0,
+                    what: str = "the status") -> dict[str, Any]:
+        """GET /v1/status until `predicate(body)` holds; returns that body. Instead of a
+        fixed sleep: worker state comes with heartbeats, so it changes a beat later."""
+        found: dict[str, Any] = {}
+
+        def check(c: httpx.Client) -> bool:
+            found.clear()
+            found.update(c.get("/v1/status").json())
+            return predicate(found)
+
+        self.wait_for(check, timeout, what)
+        return found
+
+    def wait_for(self, check: Callable[[httpx.Client], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        with self.client(timeout=5) as c:
+            while time.monotonic() < deadline:
+                try:
+                    if check(c):
+                        return
+                except (httpx.TransportError, ValueError, KeyError, IndexError, TypeError) as exc:
+                    last = f" (last: {exc!r})"
+                time.sleep(0.05)
+        raise LaunchError(f"timed out after {timeout:.0f} s waiting for {what}{last}")

@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from daemons import __version__
+from daemons import __version__, registry
 
-COMMANDS = {
+# The tools; every registered daemon is a subcommand too (daemons/registry.py).
+TOOLS = {
     "up": ("daemons.ctl.up", "run the suite in the foreground (development)"),
-    "router": ("daemons.router.main", "run the router daemon (API + bus broker)"),
-    "infer": ("daemons.infer.main", "run an inference daemon for one model"),
+    "config": ("daemons.ctl.config_cmd", "check the config file, or print the documented defaults"),
     "models": ("daemons.models", "list the configured models and their files"),
     "tune": ("daemons.ctl.tune", "write systemd drop-ins and kernel parameters for this box's CPUs"),
 }
+COMMANDS = {**{d.name: (d.module, d.summary) for d in registry.DAEMONS}, **TOOLS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,23 +1,26 @@
 """`onebox up`: run the suite in the foreground, as systemd would, for development.
 
-Starts the router and one inference daemon per configured model as children, waits
-for each READY=1, prints where the API is, and stops everything on Ctrl-C/SIGTERM or
-when any child dies (supervision is systemd's job in production, not this one's).
+Starts every daemon the config enables (daemons/registry.py) as children, in order,
+waits for each READY=1, prints where the API is, and stops everything on Ctrl-C,
+SIGTERM or SIGHUP, when any child dies (supervision is systemd's job in production,
+not this one's), when its own output goes away (`onebox up | tee log` after tee
+died) or when it fails itself. Children also die with it (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import sys
-import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from daemons import config as config_mod
-from daemons import service
+from daemons import registry, service
 from daemons.config import Config, ConfigError
-from daemons.ctl.launcher import Child, LaunchError
+from daemons.ctl.launcher import Child, LaunchError, Suite
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 120.0
@@ -37,50 +40,51 @@ def dev_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def daemon_argv(config_path: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "daemons.ctl.main", *args, "--config", str(config_path)]
+class Out:
+    """Prints that never kill the launcher: once stdout is gone (a pipe whose reader
+    died), the launcher notices and stops the suite instead of dying with it."""
+
+    def __init__(self) -> None:
+        self.broken = False
+
+    def check(self) -> None:
+        """Notice a pipe whose reader has gone (POLLERR on the write end) without writing."""
+        try:
+            poller = select.poll()
+            poller.register(sys.stdout.fileno(), 0)  # POLLERR and POLLHUP are always reported
+            if any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0)):
+                self.broken = True
+        except (OSError, ValueError):
+            self.broken = True
+
+    def say(self, text: str, err: bool = False) -> None:
+        if self.broken:
+            return
+        try:
+            print(text, file=sys.stderr if err else sys.stdout, flush=True)
+        except OSError:  # BrokenPipeError and its kin: nobody is reading any more
+            self.broken = True
 
 
-def children(config: Config, config_path: Path, env: dict[str, str]) -> list[Child]:
-    notify_dir = config.paths.runtime / "notify"
-    out = [Child("router", daemon_argv(config_path, "router"), env, notify_dir)]
-    for key in config.models:
-        out.append(Child(f"infer@{key}", daemon_argv(config_path, "infer", key), env, notify_dir))
-    return out
-
-
-def print_banner(config: Config) -> None:
+def banner(config: Config) -> str:
     sock = config.paths.api_socket
     model = next(iter(config.models), "MODEL")
-    print(f"onebox is up. API socket: {sock}")
+    lines = [f"onebox is up. API socket: {sock}"]
     if config.router.tcp:
-        print(f"  TCP: http://{config.router.tcp}")
-    print("  try:")
-    print(f"    curl --unix-socket {sock} http://localhost/v1/chat/completions \\")
-    print("      -H 'Content-Type: application/json' \\")
-    print(f"      -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'")
-    print("  Ctrl-C stops everything.", flush=True)
+        lines.append(f"  TCP: http://{config.router.tcp}")
+    lines += [f"  curl --unix-socket {sock} http://localhost/v1/chat/completions \\",
+              "      -H 'Content-Type: application/json' \\",
+              f"      -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
+              "  Ctrl-C stops everything."]
+    return "\n".join(lines)
 
 
-def stop_all(kids: list[Child], sigs: service.Signals) -> None:
-    # Inference first so in-flight replies can still reach the router, router last.
-    for child in reversed(kids):
-        if child.exit_code() is None:
-            child.signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for child in reversed(kids):
-        while child.exit_code() is None and time.monotonic() < deadline and sigs.count < 2:
-            time.sleep(0.05)
-        child.stop(timeout=0)  # SIGKILL whatever is left
-        print(f"onebox: {child.name} {child.describe_exit()}", flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, daemons: Sequence[registry.Daemon] = registry.DAEMONS) -> int:
     parser = argparse.ArgumentParser(
         prog="onebox up",
         description=(
-            "Run the router and one inference daemon per configured model in the foreground. "
-            "Sockets go to ./var/run and state to ./var/lib of the checkout unless "
+            "Run every daemon the config enables (the router, one inference daemon per model, ...) in "
+            "the foreground. Sockets go to ./var/run and state to ./var/lib of the checkout unless "
             "ONEBOX_RUNTIME_DIR / ONEBOX_STATE_DIR say otherwise. Ctrl-C stops everything."
         ),
     )
@@ -97,32 +101,41 @@ def main(argv: list[str] | None = None) -> int:
     service.ensure_dir(config.paths.state)
     sigs = service.Signals()
     sigs.install()
-    kids = children(config, config_path, env)
+    signal.signal(signal.SIGHUP, lambda signum, frame: sigs._record(signum, frame))
+    out = Out()
+    suite = Suite(config_path, env, config.paths.runtime)
+    code = 1
     try:
-        for child in kids:
-            print(f"onebox: starting {child.name}", flush=True)
-            child.start()
-            child.wait_ready(READY_TIMEOUT_S)
-            print(f"onebox: {child.name} ready (pid {child.pid}): {child.ready_status}", flush=True)
-            if sigs.count:
-                raise LaunchError(f"interrupted by {sigs.name}")
-    except LaunchError as exc:
-        print(f"onebox: {exc}; stopping", file=sys.stderr, flush=True)
-        stop_all(kids, sigs)
-        return 1
-    print_banner(config)
-    code = 0
-    while not sigs.count:
-        sigs.event.wait(0.5)
-        for child in kids:
-            child.read_notify()
-            if child.exit_code() is not None:
-                print(f"onebox: {child.name} {child.describe_exit()}; stopping the rest", file=sys.stderr, flush=True)
-                code = 1
-                break
-        if code:
-            break
-    if sigs.count:
-        print(f"onebox: {sigs.name}: stopping", flush=True)
-    stop_all(kids, sigs)
+        code = supervise(suite, registry.instances(config, daemons), config, sigs, out)
+    finally:
+        # Whatever ended the loop — a signal, a dead child, a broken stdout, a bug here.
+        suite.stop(STOP_TIMEOUT_S, on_stopped=lambda c: out.say(f"onebox: {c.name} {c.describe_exit()}"),
+                   hurry=lambda: sigs.count >= 2)
     return code
+
+
+def supervise(suite: Suite, instances: list[registry.Instance], config: Config, sigs: service.Signals,
+              out: Out) -> int:
+    def ready(child: Child) -> None:
+        out.say(f"onebox: {child.name} ready (pid {child.pid}): {child.ready_status}")
+
+    try:
+        for inst in instances:
+            out.say(f"onebox: starting {inst.label}")
+            suite.start_all([inst], wait=READY_TIMEOUT_S, on_ready=ready, interrupted=lambda: bool(sigs.count))
+    except LaunchError as exc:
+        why = f"interrupted by {sigs.name}" if sigs.count else str(exc)
+        out.say(f"onebox: {why}; stopping", err=True)
+        return 1
+    out.say(banner(config))
+    while not sigs.count and not out.broken:
+        sigs.event.wait(0.5)
+        dead = suite.dead()
+        if dead is not None:
+            out.say(f"onebox: {dead.name} {dead.describe_exit()}; stopping the rest", err=True)
+            return 1
+        out.check()
+    if out.broken:
+        return 1
+    out.say(f"onebox: {sigs.name}: stopping")
+    return 0

@@ -23,38 +23,37 @@ import random
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from typing import Any
 
 import llama_cpp
 
-from daemons import cpu
 from daemons.bus.errors import RequestError
 from daemons.bus.worker import Emitter, Request
 from daemons.config import ModelConfig
+from daemons.feeder import Feeder, TestHooks
 from daemons.infer import request as request_mod
 from daemons.infer.model import Model
 from daemons.infer.native import Context, KvFull, LlamaError, Pieces, Sampler
 from daemons.infer.prefix import PrefixTree
+from daemons.infer.reply import Reply, Usage
 from daemons.infer.seq import Pending, Seq
-from daemons.infer.textstream import StopMatcher
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STALL_LIMIT_S = 30.0
 RATE_WINDOW_S = 10.0
+# Before a step's cost is known, allow this long per token before calling the loop stalled.
+FIRST_STEPS_S_PER_TOKEN = 0.25
 # Prefill order: a prompt waiting this many seconds counts as this many tokens shorter.
 AGING_TOKENS_PER_S = 100.0
 
 
 class BatchEngine:
     def __init__(self, model: Model, mc: ModelConfig, emitter: Emitter, ctx: Context,
-                 stall_limit: float = DEFAULT_STALL_LIMIT_S) -> None:
+                 stall_s: float = 1.0, hooks: TestHooks | None = None) -> None:
         self.model = model
         self.mc = mc
         self.emit = emitter
         self.ctx = ctx
-        self.stall_limit = stall_limit
         self.pieces = Pieces(model.lm.vocab)
         self.tree = PrefixTree(n_swa=int(llama_cpp.llama_model_n_swa(model.lm.model)))
         self.kv_cells = ctx.n_cells
@@ -64,17 +63,14 @@ class BatchEngine:
         self._cancels: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="feeder", daemon=True)
+        self.feeder = Feeder(self._turn, self._fail_all, cpus=mc.feeder_cpus, priority=mc.feeder_priority,
+                             stall_s=stall_s, hooks=hooks)
         self.waiting: deque[Pending] = deque()
         self.active: dict[int, Seq] = {}
         # Cached prefixes, least recently used first, each with `decoded` at its last use.
         self.cached: OrderedDict[int, int] = OrderedDict()
         self.free_ids = list(range(ctx.n_seq_max - 1, -1, -1))
         self._order = 0
-        self.beat = time.monotonic()
-        # Test-only hook: when set, the loop calls it each turn (used to hang the feeder).
-        self.on_turn: Callable[[], None] | None = None
         # Counters (feeder thread writes, status readers only read).
         self.served = 0
         self.generated = 0
@@ -102,19 +98,22 @@ class BatchEngine:
         self._wake.set()
 
     def alive(self) -> bool:
-        return self._thread.is_alive() and time.monotonic() - self.beat < self.stall_limit
+        return self.feeder.alive()
+
+    def failed(self) -> str | None:
+        return self.feeder.failed
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
         self._refresh_snapshot(force=True)
-        self._thread.start()
+        log.info("feeder starting: %d slots, %d KV cells, %d tokens per step, %d cached prefixes",
+                 self.mc.slots, self.kv_cells, self.step_tokens, self.mc.cached_prefixes)
+        self.feeder.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
+        if self.feeder.stop(timeout):
             for s in list(self.active.values()):
                 s.sampler.close()
             self.ctx.close()
@@ -133,24 +132,16 @@ class BatchEngine:
 
     # -- the loop (feeder thread) ---------------------------------------------------
 
-    def _loop(self) -> None:
-        cpu.pin_current_thread(cpu.parse_cpus(self.mc.feeder_cpus))
-        cpu.set_fifo_current_thread(self.mc.feeder_priority)
-        log.info("feeder running: %d slots, %d KV cells, %d tokens per step, %d cached prefixes",
-                 self.mc.slots, self.kv_cells, self.step_tokens, self.mc.cached_prefixes)
-        while not self._stop.is_set():
-            self.beat = time.monotonic()
-            if self.on_turn is not None:
-                self.on_turn()
-            try:
-                self._turn()
-            except Exception:
-                # A bug in one turn must not leave clients hanging: fail what is in
-                # flight, free it all, and go on (the watchdog still sees progress).
-                log.exception("engine turn failed; failing %d running request(s)", len(self.active))
-                for s in list(self.active.values()):
-                    self._fail(s, 500, "inference failed: internal error in the engine; see its log")
-            self._refresh_snapshot()
+    def _fail_all(self, exc: Exception) -> None:
+        """A turn raised: fail what is in flight and free it all, so no client hangs."""
+        log.error("failing %d running and %d waiting request(s) after an engine error", len(self.active),
+                  len(self.waiting))
+        for s in list(self.active.values()):
+            self._fail(s, 500, "inference failed: internal error in the engine; see its log")
+        while self.waiting:
+            p = self.waiting.popleft()
+            self.emit.error(p.req.id, 500, "inference failed: internal error in the engine; see its log")
+        self._refresh_snapshot(force=True)
 
     def _turn(self) -> None:
         # Cancels are taken before the inbox is read: the main thread submits a request
@@ -161,12 +152,14 @@ class BatchEngine:
         self._expire()
         self._admit()
         if not self.active:
+            self._refresh_snapshot()
             self._wake.wait(0.2)
             self._wake.clear()
             return
         began = time.monotonic()
         self._step()
         self.step_s += time.monotonic() - began
+        self._refresh_snapshot()
 
     # -- intake, cancel, deadlines ----------------------------------------------------
 
@@ -177,19 +170,10 @@ class BatchEngine:
             except queue.Empty:
                 return
             try:
-                prompt = self.model.prompt_tokens(gen)
-                if not prompt:
-                    raise RequestError("the prompt is empty", 400)
-                self.model.check_fits(prompt)
+                prompt, max_new = self.model.prepare(gen, self.mc.default_max_tokens)
             except RequestError as exc:
                 self.emit.error(req.id, exc.code, exc.message)
                 continue
-            except Exception as exc:  # e.g. text the tokenizer cannot encode: this request only
-                log.warning("request %s: cannot tokenize the prompt: %s: %s", req.id, type(exc).__name__, exc)
-                self.emit.error(req.id, 400, f"cannot tokenize the prompt: {type(exc).__name__}")
-                continue
-            limit = self.model.n_ctx - len(prompt)
-            max_new = min(gen.max_tokens or self.mc.default_max_tokens, limit)
             self.waiting.append(Pending(req, gen, prompt, max_new))
 
     def _pop_cancels(self) -> set[str]:
@@ -255,7 +239,7 @@ class BatchEngine:
             sid = self.free_ids.pop()
             self._order += 1
             s = Seq(id=sid, order=self._order, req=p.req, gen=p.gen, prompt=p.prompt, max_new=p.max_new,
-                    reserve_target=target, sampler=sampler, stops=StopMatcher(p.gen.stop))
+                    reserve_target=target, sampler=sampler, reply=Reply(self.emit, p.req.id, p.gen.stop))
             s.sampler.accept_prompt(p.prompt)
             self.active[sid] = s
             self.lookups += 1
@@ -416,7 +400,7 @@ class BatchEngine:
         now = time.monotonic()
         tree = self.tree
         return sorted((s for s in self.active.values() if s.prefilling),
-                      key=lambda s: (len(s.prompt) - tree.length(s.id) - AGING_TOKENS_PER_S * (now - s.started),
+                      key=lambda s: (len(s.prompt) - tree.length(s.id) - AGING_TOKENS_PER_S * (now - s.reply.started),
                                      s.order))
 
     def _room_beyond_reservation(self, s: Seq, taken: int) -> bool:
@@ -430,7 +414,14 @@ class BatchEngine:
             self._evict_one()
         return True
 
+    def _step_allowance(self, tokens: int) -> float:
+        """How long a step of `tokens` may take before the loop counts as stalled: four
+        times what steps have cost so far, with a generous guess until that is known."""
+        per_token = self.decode_s / self.decoded if self.decoded >= 256 else FIRST_STEPS_S_PER_TOKEN
+        return 2.0 + 4.0 * per_token * tokens
+
     def _decode(self, entries: list[tuple[Seq, list[int], int]]) -> bool:
+        self.feeder.expect(self._step_allowance(self.ctx.batch.n))
         try:
             self.ctx.decode()
             return True
@@ -459,38 +450,21 @@ class BatchEngine:
     # -- output ---------------------------------------------------------------------
 
     def _on_token(self, s: Seq, token: int, now: float) -> None:
-        if s.first_token_at is None:
-            s.first_token_at = now
         if self.model.is_eog(token):
+            s.reply.first_token()
             self._finish(s, "stop")
             return
         s.produced += 1
         self.generated += 1
-        text, hit = s.stops.feed(s.utf8.feed(self.pieces(token)))
-        if text:
-            self.emit.partial(s.req.id, {"text": text})
-        if hit:
-            self._finish(s, "stop", flushed=True)
+        if s.reply.piece(self.pieces(token)):
+            self._finish(s, "stop")
         elif s.produced >= s.max_new:
             self._finish(s, "length")
         else:
             s.pending = token
 
-    def _finish(self, s: Seq, reason: str, flushed: bool = False) -> None:
-        if not flushed:
-            tail, hit = s.stops.feed(s.utf8.flush())
-            tail = tail if hit else tail + s.stops.flush()
-            if hit:
-                reason = "stop"
-            if tail:
-                self.emit.partial(s.req.id, {"text": tail})
-        elapsed = time.monotonic() - s.started
-        ttft = (s.first_token_at or time.monotonic()) - s.started
-        self.emit.final(s.req.id, {
-            "finish_reason": reason,
-            "usage": {"prompt_tokens": len(s.prompt), "completion_tokens": s.produced, "cached_tokens": s.shared},
-            "timings": {"seconds": round(elapsed, 4), "first_token_s": round(ttft, 4)},
-        })
+    def _finish(self, s: Seq, reason: str) -> None:
+        elapsed = s.reply.finish(reason, Usage(len(s.prompt), s.produced, s.shared))
         self.served += 1
         log.debug("request %s: %d prompt (%d cached) + %d generated tokens in %.2f s (%s)",
                   s.req.id, len(s.prompt), s.shared, s.produced, elapsed, reason)

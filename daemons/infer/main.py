@@ -1,21 +1,22 @@
-"""onebox-infer@MODEL: load one model, register `infer/MODEL` with the broker, serve."""
+"""onebox-infer@MODEL: load one model, register `infer/MODEL` with the broker, serve.
+
+Only what is about models lives here: which file, which engine, the memory plan. The
+lifecycle (config, signals, sd_notify, the bus, drain, exit codes) is daemons/bus/serve.py.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import time
-from pathlib import Path
 
-import zmq
-
-from daemons import config as config_mod
-from daemons import models, service
-from daemons.bus.worker import Worker
+from daemons import models, registry
+from daemons.bus import serve
+from daemons.bus.worker import Emitter
 from daemons.config import ConfigError, ModelConfig
+from daemons.feeder import TestHooks
 from daemons.infer import memory, native
 from daemons.infer.engine import BatchEngine
 from daemons.infer.model import Model, ModelError
@@ -23,130 +24,90 @@ from daemons.infer.simple import SimpleEngine
 
 log = logging.getLogger("daemons.infer")
 
-# Test-only: while this file exists the feeder loop blocks, as a hung decode would.
-HANG_FILE_ENV = "ONEBOX_TEST_HANG_FILE"
+# A large GGUF from a cold page cache: systemd is asked for this much more time.
+LOAD_EXTEND_S = 600.0
 
 
-def hang_hook(path: str) -> None:
-    while Path(path).exists():
-        time.sleep(0.1)
-
-
-def make_context(model: Model, mc: ModelConfig, runtime_bytes: int) -> native.Context | None:
-    """The batch engine's llama context, or None (after logging why) when this model or
-    the memory budget rules it out: model + KV is checked before anything is allocated,
-    then again with the compute buffers llama.cpp reserved."""
-    why = native.unsupported_reason(model.lm.model)
-    if why:
-        log.error("engine \"batch\" cannot serve %s: %s; set engine = \"simple\"", model.path.name, why)
-        return None
+def make_context(model: Model, mc: ModelConfig, runtime_bytes: int) -> native.Context:
+    """The batch engine's llama context. The memory plan (model + KV) is checked before
+    anything is allocated, then again with the compute buffers llama.cpp reserved."""
     shape = native.kv_shape(model.lm.model)
     plan = memory.MemoryPlan(model=model.size_bytes, kv_cells=mc.kv_tokens, bytes_per_cell=shape.bytes_per_cell,
                              compute=0, runtime=runtime_bytes, budget=memory.budget_bytes(mc.memory_budget_mb))
     if not plan.fits:
-        log.error("memory budget exceeded: %s; lower kv_tokens or raise memory_budget_mb", plan.describe())
-        return None
+        raise serve.LoadError(f"memory budget exceeded: {plan.describe()}; lower kv_tokens or raise memory_budget_mb")
     try:
         ctx = native.Context(model.lm.model, n_cells=mc.kv_tokens, n_seq_max=mc.slots + mc.cached_prefixes,
                              n_batch=mc.step_tokens, threads=mc.threads, flash_attn=mc.flash_attn)
     except native.LlamaError as exc:
-        log.error("cannot create the llama context: %s (out of memory?) — %s", exc, plan.describe())
-        return None
+        raise serve.LoadError(f"cannot create the llama context: {exc} (out of memory?) — {plan.describe()}") from None
     plan = dataclasses.replace(plan, compute=ctx.compute_bytes)
     if not plan.fits:
         ctx.close()
-        log.error("memory budget exceeded: %s; lower kv_tokens or step_tokens, or raise memory_budget_mb",
-                  plan.describe())
-        return None
+        raise serve.LoadError(f"memory budget exceeded: {plan.describe()}; lower kv_tokens or step_tokens, "
+                              "or raise memory_budget_mb")
     log.info("memory: %s (KV: %d layers x %d KV heads x (%d + %d) x 2 B per cell)", plan.describe(),
              shape.n_layer, shape.n_head_kv, shape.key_length, shape.value_length)
     return ctx
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="onebox infer",
-        description="Run an inference daemon for one model (a [models.MODEL] table in the config).",
-    )
-    parser.add_argument("model", help="the model's key in the config, e.g. smollm2")
-    parser.add_argument("--config", help="config file (default: $ONEBOX_CONFIG or /etc/onebox/onebox.toml)")
-    args = parser.parse_args(argv)
-    config = service.load_config_or_exit(args.config)
-    service.setup_logging(config.log.level, f"infer@{args.model}")
-    log.debug("effective config: %s", config_mod.as_dict(config))
+def choose_engine(path: str, mc: ModelConfig) -> str:
+    """The configured engine, or "simple" for a model the batch engine cannot serve."""
+    if mc.engine != "batch":
+        return mc.engine
+    why = native.batch_refusal(path)
+    if why:
+        log.warning('engine "batch" cannot serve this model (%s): using engine "simple", one request at a '
+                    'time (set engine = "simple" to silence this)', why)
+        return "simple"
+    return "batch"
+
+
+def load(loading: serve.Loading) -> serve.Served:
+    key = loading.args.model
+    config = loading.config
     try:
-        mc = config.model(args.model)
+        mc = config.model(key)
         path = models.resolve(mc.path, config.paths.models)
     except (ConfigError, FileNotFoundError) as exc:
-        log.error("config error: %s", exc)
-        return service.EX_CONFIG
-
-    signals = service.Signals()
-    signals.install()
-    notifier = service.Notifier()
-    notifier.status(f"loading {path.name}")
+        raise serve.LoadError(f"config error: {exc}") from None
+    loading.extend(LOAD_EXTEND_S, f"loading {path.name}")
     runtime_bytes = memory.rss_bytes()
     started = time.monotonic()
-    if mc.engine == "batch":
-        native.forward_llama_logs()
+    native.forward_llama_logs()
+    engine_name = choose_engine(str(path), mc)
     try:
-        model = Model.load(path, mc)
+        model = Model.load(path, mc, engine_name)
     except ModelError as exc:
-        log.error("%s (a corrupt or unsupported GGUF?)", exc)
-        return service.EX_CONFIG
+        raise serve.LoadError(f"{exc} (a corrupt or unsupported GGUF?)") from None
     log.info("loaded %s in %.1f s: %s", path.name, time.monotonic() - started, model.describe())
-    ctx: native.Context | None = None
-    if mc.engine == "batch":
-        ctx = make_context(model, mc, runtime_bytes)
-        if ctx is None:
-            return service.EX_CONFIG
-    if signals.count:
-        return service.EX_OK
+    ctx = make_context(model, mc, runtime_bytes) if engine_name == "batch" else None
+    hooks = TestHooks.from_env()
 
-    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    service_name = f"infer/{args.model}"
-    worker = Worker(zctx, config.paths.bus_endpoint, service_name, mc.capacity, config.bus,
-                    meta={"model": args.model, "n_ctx": model.n_ctx, "engine": mc.engine})
-    # Under systemd the watchdog interval bounds how long a decode step may stall.
-    stall = min(30.0, 2 * notifier.watchdog_interval) if notifier.watchdog_interval else 30.0
-    engine: SimpleEngine | BatchEngine
-    if ctx is not None:
-        engine = BatchEngine(model, mc, worker.emitter, ctx, stall_limit=stall)
-        worker.status_provider = engine.status_map
-    else:
-        engine = SimpleEngine(model, mc, worker.emitter, stall_limit=stall)
-    hang = os.environ.get(HANG_FILE_ENV)
-    if hang:
-        log.warning("test hook %s=%s is set: the feeder blocks while that file exists", HANG_FILE_ENV, hang)
-        engine.on_turn = lambda: hang_hook(hang)
-    engine.start()
+    def engine(emitter: Emitter) -> serve.Engine:
+        if ctx is not None:
+            return BatchEngine(model, mc, emitter, ctx, stall_s=loading.stall_s, hooks=hooks)
+        return SimpleEngine(model, mc, emitter, stall_s=loading.stall_s, hooks=hooks)
+
+    service_name = registry.Instance(registry.INFER, key).service or ""
     shape = (f"batch engine: {mc.slots} slots, {mc.kv_tokens} KV cells" if ctx is not None else "simple engine")
-    notifier.ready(f"serving {service_name} ({path.name}, n_ctx {model.n_ctx}, {mc.threads} threads, {shape})")
+    return serve.Served(
+        service=service_name, capacity=mc.capacity, engine=engine, shutdown_timeout_s=mc.shutdown_timeout_s,
+        ready_status=f"serving {service_name} ({path.name}, n_ctx {model.n_ctx}, {mc.threads} threads, {shape})",
+        meta={"model": key, "n_ctx": model.n_ctx, "engine": engine_name},
+    )
 
-    last_status = 0.0
 
-    def tick() -> None:
-        nonlocal last_status
-        if engine.alive():
-            notifier.progress()
-        now = time.monotonic()
-        if now - last_status >= 2.0:
-            last_status = now
-            notifier.status(f"{service_name}: {engine.status()}")
+def arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="the model's key in the config, e.g. smollm2")
 
-    try:
-        worker.run(engine, should_stop=lambda: signals.count, on_tick=tick,
-                   drain_timeout=config.router.shutdown_timeout_s)
-    except Exception:
-        log.exception("worker loop failed")
-        return service.EX_SOFTWARE
-    finally:
-        notifier.stopping(f"{service_name} stopping")
-        engine.stop()
-        worker.close()
-        zctx.term()
-    log.info("%s stopped (%s)", service_name, signals.name)
-    return service.EX_OK
+
+def main(argv: list[str] | None = None) -> int:
+    return serve.run(
+        prog="onebox infer", description="Run an inference daemon for one model (a [models.MODEL] table in the config).",
+        sections=registry.INFER.sections, load=load, name=lambda args: f"infer@{args.model}", arguments=arguments,
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

@@ -54,9 +54,10 @@ class Model:
         self.n_vocab = lm.n_vocab()
 
     @classmethod
-    def load(cls, path: Path, mc: ModelConfig) -> Model:
+    def load(cls, path: Path, mc: ModelConfig, engine: str) -> Model:
+        """Weights and vocab; with engine "simple" also llama-cpp-python's own context."""
         try:
-            if mc.engine == "simple":
+            if engine == "simple":
                 llm = llama_cpp.Llama(
                     model_path=str(path), n_ctx=mc.n_ctx, n_threads=mc.threads, n_threads_batch=mc.threads,
                     n_batch=min(512, mc.n_ctx), flash_attn=mc.flash_attn, verbose=False,
@@ -66,7 +67,7 @@ class Model:
                                       verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"cannot load {path}: {exc}") from exc
-        return cls(lm, path, mc.request_limit)
+        return cls(lm, path, min(mc.n_ctx, mc.kv_tokens))
 
     @property
     def llama(self) -> llama_cpp.Llama:
@@ -94,6 +95,21 @@ class Model:
             return list(self.lm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special,
                                          special=True))
         return list(self.lm.tokenize(req.prompt.encode(), add_bos=True, special=False))
+
+    def prepare(self, req: GenRequest, default_max_tokens: int) -> tuple[list[int], int]:
+        """The prompt's tokens and how many may be generated after them; RequestError
+        (400) for a prompt that is empty, too long or cannot be tokenized."""
+        try:
+            prompt = self.prompt_tokens(req)
+        except RequestError:
+            raise
+        except Exception as exc:  # e.g. text the tokenizer cannot encode: this request only
+            log.warning("cannot tokenize a prompt: %s: %s", type(exc).__name__, exc)
+            raise RequestError(f"cannot tokenize the prompt: {type(exc).__name__}", 400) from None
+        if not prompt:
+            raise RequestError("the prompt is empty", 400)
+        self.check_fits(prompt)
+        return prompt, min(req.max_tokens or default_max_tokens, self.n_ctx - len(prompt))
 
     def check_fits(self, prompt: list[int]) -> None:
         if len(prompt) >= self.n_ctx:

@@ -128,6 +128,21 @@ def unsupported_reason(model: Any) -> str | None:
     return None
 
 
+def batch_refusal(path: str) -> str | None:
+    """unsupported_reason() of the GGUF at `path`, read from its metadata alone (a
+    vocabulary-only load: milliseconds, no weights); None when it cannot be read (the
+    real load will then say why)."""
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+    if not model:
+        return None
+    try:
+        return unsupported_reason(model)
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
 # llama.cpp's own account of what it allocated besides weights and KV.
 _MIB = re.compile(r"(?:compute|output) buffer size\s*=\s*([\d.]+)\s*MiB")
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from daemons.bus.worker import Request
 from daemons.infer.native import Sampler
+from daemons.infer.reply import Reply
 from daemons.infer.request import GenRequest
-from daemons.infer.textstream import StopMatcher, Utf8Stream
 
 
 @dataclass
@@ -41,16 +41,13 @@ class Seq:
     max_new: int
     reserve_target: int  # positions reserved at admission: prompt + output reservation - 1
     sampler: Sampler
-    started: float = field(default_factory=time.monotonic)
+    reply: Reply
     # Longest common prefix with each earlier-admitted request (by order) that was
     # prefilling when this one arrived: the cells it may share instead of computing.
     lcp: dict[int, int] = field(default_factory=dict)
     shared: int = 0  # prompt tokens taken from other sequences' cells
     pending: int | None = None  # sampled, not yet decoded; None while prefilling
     produced: int = 0
-    first_token_at: float | None = None
-    utf8: Utf8Stream = field(default_factory=Utf8Stream)
-    stops: StopMatcher = field(default_factory=lambda: StopMatcher([]))
 
     @property
     def prefilling(self) -> bool:

@@ -1,37 +1,42 @@
-"""The one-request-at-a-time engine: a thread that runs queued requests in turn.
+"""The one-request-at-a-time engine: llama-cpp-python's high-level API on the feeder.
 
-It implements the bus `Handler` seam (submit / cancel / alive); the continuous-
-batching engine replaces it behind the same seam without touching bus or router.
+It serves the models the batch engine cannot (recurrent and hybrid ones keep one state
+per sequence, not KV cells that can be shared; encoder-decoder ones), and anyone who
+sets engine = "simple". Prompt preparation, the text output and the feeder loop are
+the batch engine's own (Model.prepare, Reply, daemons/feeder.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from typing import Any
 
-from daemons import cpu
 from daemons.bus.errors import RequestError
 from daemons.bus.worker import Emitter, Request
 from daemons.config import ModelConfig
+from daemons.feeder import Feeder, TestHooks
 from daemons.infer import request as request_mod
 from daemons.infer.model import Model
 from daemons.infer.native import Pieces
-from daemons.infer.textstream import StopMatcher, Utf8Stream
+from daemons.infer.reply import Reply, Usage
 
 log = logging.getLogger(__name__)
 
-# A loop that has not come round for this long is hung (the watchdog pings stop).
-DEFAULT_STALL_LIMIT_S = 30.0
+RATE_WINDOW_S = 10.0
+# Allowed per prompt token while llama.cpp prefills (the first token comes after it).
+PREFILL_S_PER_TOKEN = 0.05
+INTERNAL = "inference failed: internal error in the engine; see its log"
 
 
 class SimpleEngine:
-    def __init__(self, model: Model, mc: ModelConfig, emitter: Emitter,
-                 stall_limit: float = DEFAULT_STALL_LIMIT_S) -> None:
-        self.stall_limit = stall_limit
+    def __init__(self, model: Model, mc: ModelConfig, emitter: Emitter, stall_s: float = 1.0,
+                 hooks: TestHooks | None = None) -> None:
         self.model = model
         # llama-cpp-python's own detokenize truncates pieces over 32 bytes to nothing.
         self.pieces = Pieces(model.lm.vocab)
@@ -40,16 +45,14 @@ class SimpleEngine:
         self._queue: queue.Queue[tuple[Request, request_mod.GenRequest]] = queue.Queue()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="feeder", daemon=True)
-        self.beat = time.monotonic()
+        self.feeder = Feeder(self._turn, self._fail_current, cpus=mc.feeder_cpus, priority=mc.feeder_priority,
+                             stall_s=stall_s, hooks=hooks)
         self.current: str | None = None
         self.served = 0
         self.generated = 0
-        # Test-only hook: when set, the loop calls it each turn (used to hang the feeder).
-        self.on_turn: Callable[[], None] | None = None
+        self._rate: deque[tuple[float, int]] = deque()
 
-    # -- Handler seam ------------------------------------------------------------------
+    # -- Engine seam -----------------------------------------------------------------
 
     def submit(self, req: Request) -> None:
         # Bounded by the worker, which refuses requests beyond `capacity` before this.
@@ -60,47 +63,51 @@ class SimpleEngine:
             self._cancelled.add(request_id)
 
     def alive(self) -> bool:
-        return time.monotonic() - self.beat < self.stall_limit
+        return self.feeder.alive()
 
-    # -- lifecycle ---------------------------------------------------------------------
+    def failed(self) -> str | None:
+        return self.feeder.failed
 
     def start(self) -> None:
-        self._thread.start()
+        self.feeder.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
+        self.feeder.stop(timeout)
 
     def status(self) -> str:
         busy = f"generating {self.current}" if self.current else "idle"
         return f"{busy}; {self._queue.qsize()} queued; {self.served} served, {self.generated} tokens"
 
-    # -- the loop ----------------------------------------------------------------------
+    def status_map(self) -> dict[str, Any]:
+        now = time.monotonic()
+        while self._rate and self._rate[0][0] < now - RATE_WINDOW_S:
+            self._rate.popleft()
+        busy = 1 if self.current else 0
+        return {"engine": "simple", "slots": {"total": 1, "busy": busy, "free": 1 - busy},
+                "queue": self._queue.qsize(), "tokens_per_s": round(len(self._rate) / RATE_WINDOW_S, 1),
+                "served": self.served, "generated_tokens": self.generated, "pid": os.getpid()}
 
-    def _loop(self) -> None:
-        cpu.pin_current_thread(cpu.parse_cpus(self.mc.feeder_cpus))
-        cpu.set_fifo_current_thread(self.mc.feeder_priority)
-        while not self._stop.is_set():
-            self.beat = time.monotonic()
-            if self.on_turn is not None:
-                self.on_turn()
-            try:
-                req, gen = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if self._take_cancel(req.id):
-                continue
-            self.current = req.id
-            try:
-                self._run(req, gen)
-            except RequestError as exc:
-                self.emit.error(req.id, exc.code, exc.message)
-            except Exception as exc:
-                log.exception("request %s failed", req.id)
-                self.emit.error(req.id, 500, f"inference failed: {type(exc).__name__}: {exc}")
-            finally:
-                self.current = None
-                self._take_cancel(req.id)
+    # -- the loop (feeder thread) ------------------------------------------------------
+
+    def _turn(self) -> None:
+        try:
+            req, gen = self._queue.get(timeout=0.2)
+        except queue.Empty:
+            return
+        if self._take_cancel(req.id):
+            return
+        self.current = req.id
+        try:
+            self._run(req, gen)
+        except RequestError as exc:
+            self.emit.error(req.id, exc.code, exc.message)
+        finally:
+            self.current = None
+            self._take_cancel(req.id)
+
+    def _fail_current(self, exc: Exception) -> None:
+        if self.current is not None:
+            self.emit.error(self.current, 500, INTERNAL)
 
     def _take_cancel(self, request_id: str) -> bool:
         with self._lock:
@@ -115,52 +122,36 @@ class SimpleEngine:
 
     def _run(self, req: Request, gen: request_mod.GenRequest) -> None:
         model = self.model
-        prompt = model.prompt_tokens(gen)
-        model.check_fits(prompt)
-        limit = model.n_ctx - len(prompt)
-        max_new = min(gen.max_tokens or self.mc.default_max_tokens, limit)
+        prompt, max_new = model.prepare(gen, self.mc.default_max_tokens)
         model.llama.set_seed(gen.seed if gen.seed is not None else random.getrandbits(32))
-        utf8 = Utf8Stream()
-        stops = StopMatcher(gen.stop)
+        reply = Reply(self.emit, req.id, gen.stop)
         produced = 0
         finish = "length"
-        hit = False
-        started = time.monotonic()
+        self.feeder.expect(2.0 + PREFILL_S_PER_TOKEN * len(prompt))
         for token in model.llama.generate(
             prompt, top_k=gen.top_k, top_p=gen.top_p, min_p=gen.min_p, temp=gen.temperature,
             repeat_penalty=gen.repeat_penalty, frequency_penalty=gen.frequency_penalty,
             presence_penalty=gen.presence_penalty, reset=True,
         ):
-            self.beat = time.monotonic()
+            self.feeder.progress()
             if self._is_cancelled(req.id):
                 log.info("request %s cancelled after %d tokens", req.id, produced)
                 return
             if time.time() > req.deadline:
                 raise RequestError(f"deadline passed after {produced} generated tokens", 504)
             if model.is_eog(token):
+                reply.first_token()
                 finish = "stop"
                 break
             produced += 1
-            text, hit = stops.feed(utf8.feed(self.pieces(token)))
-            if text:
-                self.emit.partial(req.id, {"text": text})
-            if hit:
+            self._rate.append((time.monotonic(), 1))
+            if reply.piece(self.pieces(token)):
                 finish = "stop"
                 break
             if produced >= max_new:
                 break
-        if not hit:
-            tail, hit = stops.feed(utf8.flush())
-            tail = tail if hit else tail + stops.flush()
-            if tail:
-                self.emit.partial(req.id, {"text": tail})
-        elapsed = time.monotonic() - started
+        elapsed = reply.finish(finish, Usage(len(prompt), produced))
         self.served += 1
         self.generated += produced
-        self.emit.final(req.id, {
-            "finish_reason": finish,
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": produced},
-            "timings": {"seconds": round(elapsed, 4)},
-        })
         log.debug("request %s: %d prompt + %d generated tokens in %.2f s (%s)",
                   req.id, len(prompt), produced, elapsed, finish)

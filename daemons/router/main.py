@@ -15,10 +15,10 @@ import uvicorn
 import zmq.asyncio
 
 from daemons import config as config_mod
-from daemons import service
+from daemons import registry, service
 from daemons.bus.broker import Broker
 from daemons.config import Config
-from daemons.router.api import create_app
+from daemons.router.app import create_app
 
 log = logging.getLogger("daemons.router")
 
@@ -49,10 +49,8 @@ def tcp_listener(host: str, port: int) -> socket.socket:
 
 
 def status_line(config: Config, broker: Broker) -> str:
-    parts = []
-    for name in config.models:
-        parts.append(f"{name}: {len(broker.live('infer/' + name))} worker(s)")
-    return f"serving {config.paths.api_socket}; " + (", ".join(parts) or "no models configured")
+    parts = [f"{name}: {len(broker.live(name))} worker(s)" for name in registry.expected_services(config)]
+    return f"serving {config.paths.api_socket}; " + (", ".join(parts) or "no daemons configured")
 
 
 async def serve(config: Config, notifier: service.Notifier) -> int:
@@ -120,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="config file (default: $ONEBOX_CONFIG or /etc/onebox/onebox.toml)")
     args = parser.parse_args(argv)
-    config = service.load_config_or_exit(args.config)
+    config = service.load_config_or_exit(args.config, registry.ROUTER.sections)
     service.setup_logging(config.log.level, "router")
     log.debug("effective config: %s", config_mod.as_dict(config))
     # Record signals first: uvicorn captures them during serve() and re-raises them

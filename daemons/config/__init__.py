@@ -1,0 +1,215 @@
+"""The one typed config object, read from TOML with ONEBOX_* environment overrides.
+
+Each section is declared once (daemons/config/core.py, router.py, models.py: types,
+constraints and docs on each field, see schema.py) and listed as a field of `Config`.
+Every daemon builds a `Config` once in `main()` with the sections it reads: errors in
+those stop it (exit 78), errors in the others are not its business. `onebox config
+check` reads them all and prints every error.
+
+Overrides, applied after the file:
+  ONEBOX_RUNTIME_DIR, ONEBOX_STATE_DIR, ONEBOX_MODELS_DIR, ONEBOX_LOG_LEVEL
+  ONEBOX__SECTION__KEY=value   any key, e.g. ONEBOX__ROUTER__TCP=127.0.0.1:8080
+                               (value read as a TOML value when it parses, else a string)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemons.config.core import BusConfig, LogConfig, PathsConfig
+from daemons.config.models import ModelConfig
+from daemons.config.router import RouterConfig
+from daemons.config.schema import ConfigError, build, is_section, render_section
+
+__all__ = ["BusConfig", "Config", "ConfigError", "DEFAULT_CONFIG", "LogConfig", "ModelConfig", "PathsConfig",
+           "RouterConfig", "SECTIONS", "load", "parse", "render_defaults"]
+
+DEFAULT_CONFIG = Path("/etc/onebox/onebox.toml")
+
+
+@dataclass(frozen=True)
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig, metadata={"doc": ""})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"doc": ""})
+    bus: BusConfig = field(default_factory=BusConfig, metadata={"doc": ""})
+    router: RouterConfig = field(default_factory=RouterConfig, metadata={"doc": ""})
+    models: dict[str, ModelConfig] = field(default_factory=dict, metadata={
+        "doc": 'One table per model; the key (here "smollm2") is the model name clients send and the\n'
+               "instance of onebox-infer@.service.", "example": "smollm2"})
+    source: str = "<defaults>"
+
+    def model(self, key: str) -> ModelConfig:
+        try:
+            return self.models[key]
+        except KeyError:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ConfigError(f"{self.source}: no [models.{key}] (configured: {known})") from None
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    cls: type
+    # True for a table of named tables ([models.NAME]), False for one table.
+    named: bool
+    doc: str
+    example: str = ""
+
+
+def _sections() -> dict[str, Section]:
+    out: dict[str, Section] = {}
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        hint = hints[f.name]
+        if is_section(hint):
+            out[f.name] = Section(f.name, hint, False, f.metadata.get("doc", ""))
+        elif typing.get_origin(hint) is dict:
+            out[f.name] = Section(f.name, typing.get_args(hint)[1], True, f.metadata.get("doc", ""),
+                                  f.metadata.get("example", "NAME"))
+    return out
+
+
+SECTIONS = _sections()
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _set_path(raw: dict[str, Any], dotted: list[str], value: Any) -> None:
+    node = raw
+    for part in dotted[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(dotted)}: {part} is not a table")
+    node[dotted[-1]] = value
+
+
+def parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+SHORT_OVERRIDES = {
+    "ONEBOX_RUNTIME_DIR": ["paths", "runtime_dir"],
+    "ONEBOX_STATE_DIR": ["paths", "state_dir"],
+    "ONEBOX_MODELS_DIR": ["paths", "models_dir"],
+    "ONEBOX_LOG_LEVEL": ["log", "level"],
+}
+
+
+def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, dotted in SHORT_OVERRIDES.items():
+        if env.get(name):
+            value = env[name].lower() if name == "ONEBOX_LOG_LEVEL" else env[name]
+            _set_path(raw, dotted, value)
+    for name, text in env.items():
+        if name.startswith("ONEBOX__"):
+            dotted = [p.lower() for p in name[len("ONEBOX__"):].split("__") if p]
+            if len(dotted) < 2:
+                raise ConfigError(f"{name}: expected ONEBOX__SECTION__KEY")
+            _set_path(raw, dotted, parse_env_value(text))
+
+
+def parse_sections(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Every section built from `raw`, and the errors found in each ("" for the file's own)."""
+    errors: dict[str, list[str]] = {"": []}
+    values: dict[str, Any] = {}
+    for name in raw:
+        if name not in SECTIONS:
+            errors[""].append(f"unknown section [{name}] (known: {', '.join(SECTIONS)})")
+    for name, sec in SECTIONS.items():
+        errs: list[str] = []
+        data = raw.get(name, {})
+        if sec.named:
+            tables: dict[str, Any] = {}
+            if not isinstance(data, Mapping):
+                errs.append(f"{name}: expected tables [{name}.NAME], got {type(data).__name__}")
+                data = {}
+            for key, table in data.items():
+                if not set(key) <= NAME_CHARS:
+                    errs.append(f"{name}.{key}: names are letters, digits, '-', '_', '.'")
+                    continue
+                tables[key] = build(sec.cls, table, f"{name}.{key}", errs)
+            values[name] = tables
+        else:
+            values[name] = build(sec.cls, data, name, errs)
+        errors[name] = errs
+    return values, errors
+
+
+def parse(raw: Mapping[str, Any], source: str = "<string>", sections: Iterable[str] | None = None) -> Config:
+    """A Config from parsed TOML. Raises ConfigError listing every error in the file's
+    own structure and in `sections` (all of them by default); others keep their defaults."""
+    values, errors = parse_sections(raw)
+    wanted = list(SECTIONS) if sections is None else list(sections)
+    unknown = [s for s in wanted if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"no such config section: {unknown[0]}")  # a bug in the caller
+    found = errors[""] + [e for s in wanted for e in errors[s]]
+    if found:
+        lines = [f"{source}: {e}" for e in found]
+        raise ConfigError(lines[0] if len(lines) == 1 else f"{source}: {len(lines)} errors:\n  "
+                          + "\n  ".join(found), lines)
+    for name in SECTIONS:
+        if name not in wanted:
+            values[name] = {} if SECTIONS[name].named else SECTIONS[name].cls()
+    return Config(source=source, **values)
+
+
+def read(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> tuple[Path, dict[str, Any]]:
+    """The file's TOML with the environment's overrides applied."""
+    env = os.environ if env is None else env
+    path = Path(path or env.get("ONEBOX_CONFIG") or DEFAULT_CONFIG)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        apply_env(raw, env)
+    except ConfigError as exc:
+        raise ConfigError(f"environment: {exc}") from None
+    return path, raw
+
+
+def load(path: Path | str | None = None, env: Mapping[str, str] | None = None,
+         sections: Iterable[str] | None = None) -> Config:
+    """Read the config file (ONEBOX_CONFIG or /etc/onebox/onebox.toml by default)."""
+    path, raw = read(path, env)
+    return parse(raw, str(path), sections)
+
+
+HEADER = """\
+# onebox configuration. Every key is optional unless marked required; the values below
+# are the defaults. Written by `onebox config defaults` from the declarations in
+# daemons/config/. After editing, run `onebox config check` (it lists every error).
+# Environment overrides: ONEBOX_RUNTIME_DIR, ONEBOX_STATE_DIR, ONEBOX_MODELS_DIR,
+# ONEBOX_LOG_LEVEL, and ONEBOX__SECTION__KEY=value for any key
+# (e.g. ONEBOX__ROUTER__TCP=127.0.0.1:8080). A bad value stops a daemon with exit 78."""
+
+
+def render_defaults() -> str:
+    """The documented default config, from the section declarations."""
+    lines = HEADER.splitlines()
+    for sec in SECTIONS.values():
+        table = f"{sec.name}.{sec.example}" if sec.named else sec.name
+        lines += render_section(sec.cls, table, sec.doc)
+    return "\n".join(lines) + "\n"
+
+
+def as_dict(config: Config) -> dict[str, Any]:
+    """The effective config, for a debug log line."""
+    return dataclasses.asdict(config)

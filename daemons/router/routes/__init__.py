@@ -1,0 +1,1 @@
+"""The API by area, one module each; `daemons.router.app` includes them all."""

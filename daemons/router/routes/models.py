@@ -1,0 +1,27 @@
+"""GET /v1/models: the configured chat models, as OpenAI lists them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from daemons.router.state import RouterState, get_state
+
+router = APIRouter()
+
+
+def infer_service(model: str) -> str:
+    return f"infer/{model}"
+
+
+@router.get("/v1/models")
+async def models(state: RouterState = Depends(get_state)) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "onebox",
+             "ready": bool(state.broker.live(infer_service(name)))}
+            for name in state.config.models
+        ],
+    }
