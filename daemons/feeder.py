@@ -1,8 +1,10 @@
 """The one thread that runs an engine's turns, shared by every engine that has one.
 
 It places itself (CPU affinity, optional SCHED_FIFO: the inference and embedding
-daemons' decode loops), records progress so `alive()` can tell a hang from a long step,
-and counts failed turns: an exception that recurs on every turn would otherwise fail
+daemons' decode loops), records progress so `alive()` can tell a hang from a long step
+(a turn that outlasts its allowance still counts as moving while the thread keeps
+using CPU: on a busy 2-core box a step can take thirty times its usual time; one that
+neither returns nor computes is hung), and counts failed turns: an exception that recurs on every turn would otherwise fail
 requests forever while the watchdog sees progress, so after `max_failures` in a row the
 feeder gives up and the daemon exits non-zero for systemd to restart it.
 
@@ -17,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,10 @@ log = logging.getLogger(__name__)
 HANG_FILE_ENV = "ONEBOX_TEST_HANG_FILE"
 FAIL_FILE_ENV = "ONEBOX_TEST_FAIL_FILE"
 MAX_FAILURES = 5
+# A turn still computing after this long is stuck (a busy loop), CPU or not.
+HARD_STALL_S = 120.0
+# Below this share of one CPU, a thread inside a long turn is waiting, not working.
+MIN_CPU_SHARE = 0.01
 
 
 class TestFault(RuntimeError):
@@ -79,6 +86,7 @@ class Feeder:
         self.hooks = hooks or TestHooks()
         self.beat = time.monotonic()
         self._allow = 0.0
+        self._cpu_samples: deque[tuple[float, float]] = deque()
         self.failures = 0
         # Why the feeder gave up, once it has.
         self.failed: str | None = None
@@ -112,7 +120,28 @@ class Feeder:
     def alive(self) -> bool:
         if self.failed is not None or not self._thread.is_alive():
             return False
-        return time.monotonic() - self.beat < max(self.stall_s, self._allow)
+        now = time.monotonic()
+        computing = self._using_cpu(now)
+        age = now - self.beat
+        if age < max(self.stall_s, self._allow):
+            return True
+        return age < HARD_STALL_S and computing
+
+    def _using_cpu(self, now: float) -> bool:
+        """Whether the feeder thread used CPU over about the last `stall_s` (each call
+        adds a sample; the caller, the daemon's main loop, calls a few times a second)."""
+        try:
+            cpu = time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident or 0))
+        except (OSError, ValueError):
+            return False
+        samples = self._cpu_samples
+        samples.append((now, cpu))
+        while len(samples) > 2 and now - samples[1][0] >= self.stall_s:
+            samples.popleft()
+        then, cpu_then = samples[0]
+        if now - then < self.stall_s / 2:
+            return True  # too soon to tell
+        return (cpu - cpu_then) / (now - then) >= MIN_CPU_SHARE
 
     def _run(self) -> None:
         cpu.pin_current_thread(self.cpus)

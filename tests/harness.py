@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,6 +77,12 @@ class Suite(launcher.Suite):
 
     def stop(self, timeout: float = 10.0, **kw: Any) -> None:
         super().stop(timeout, **kw)
+        keep = os.environ.get("ONEBOX_TEST_KEEP_LOGS")
+        if keep:  # debugging: the temp dir goes, its logs stay
+            dest = Path(keep) / self.dir.name
+            dest.mkdir(parents=True, exist_ok=True)
+            for log in self.dir.glob("*.log"):
+                shutil.copy(log, dest / log.name)
 
 
 @contextmanager

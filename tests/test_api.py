@@ -160,6 +160,22 @@ def test_oversized_body_is_413(suite: Suite) -> None:
     assert r.json()["error"]["code"] == "body_too_large"
 
 
+def test_oversized_chunked_body_is_413(suite: Suite) -> None:
+    """No Content-Length (chunked transfer) does not get past the limit."""
+    def chunks() -> Iterator[bytes]:
+        for _ in range(10):
+            yield b"x" * (1024 * 1024)
+
+    with suite.client() as c:
+        r = c.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["code"] == "body_too_large"
+        # A small chunked body still works.
+        body = json.dumps({"model": "smollm2", "prompt": "Hi", "max_tokens": 2}).encode()
+        ok = c.post("/v1/completions", content=iter([body[:10], body[10:]]), headers={"Content-Type": "application/json"})
+        assert ok.status_code == 200, ok.text
+
+
 def test_deadline_is_504(suite: Suite) -> None:
     with suite.client() as c:
         # Greedy counting never ends early, so the deadline is what stops it.

@@ -102,6 +102,30 @@ def test_broker_survives_fuzz(suite: Suite) -> None:
         fake.send_multipart(p.encode(p.READY, {"version": 1, "service": "fuzz/echo", "capacity": 1,
                                                "heartbeat_ms": 1000, "pid": os.getpid()}))
         fake.send_multipart(p.encode(p.FINAL, {"id": "never-sent", "data": {}}))
+        # Clients: junk under the client protocol, well-formed calls to nowhere, cancels of
+        # calls that do not exist, worker commands sent as a client and the other way round.
+        client = ctx.socket(zmq.DEALER)
+        client.linger = 0
+        client.connect(endpoint)
+        socks.append(client)
+        for frames in junk_messages(rng, N_MESSAGES // 3):
+            client.send_multipart([p.CLIENT, *frames[1:]] if frames and frames[0] == p.PROTOCOL else frames)
+        for i in range(200):
+            client.send_multipart(p.encode(p.CANCEL, {"id": f"nope-{i}"}, client=True))
+            client.send_multipart([p.CLIENT, p.READY, msgpack.packb({"version": 1})])
+            client.send_multipart([p.CLIENT, p.CALL, msgpack.packb(
+                {"id": f"c{i}", "service": "x" * rng.randint(0, 300), "deadline": "soon", "body": {}})])
+        for i in range(50):
+            client.send_multipart(p.encode(p.CALL, {"id": f"none-{i}", "service": "no/such", "deadline":
+                                                    time.time() + 5, "body": {}, "wait_s": 0}, client=True))
+        errors = 0
+        while client.poll(2000):
+            msg = p.decode(client.recv_multipart())
+            assert msg.client and msg.command == p.ERROR and msg.header["kind"] == "no_worker"
+            errors += 1
+            if errors == 50:
+                break
+        assert errors == 50, "every call to a service with no worker gets an ERROR"
         time.sleep(1.0)
         assert suite.children["router"].exit_code() is None
         with suite.client() as c:

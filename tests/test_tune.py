@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from daemons import registry
 from daemons.ctl import tune
 
 
@@ -79,11 +80,15 @@ def test_sixteen_cores_smt_one_node(tmp_path: Path) -> None:
     assert p.infer == list(range(2, 16)) + list(range(18, 32))
     assert p.feeder == p.infer == p.isolate and p.feeder_priority == 10
     assert p.threads == 14
-    files = tune.render(topo, p)
+    # A background daemon (one registry row) gets the lowest weight on the housekeeping CPUs.
+    docs = registry.Daemon(name="docs", module="x", summary="x", unit="onebox-docs.service", sections=(),
+                           service="docs", placement="background")
+    files = tune.render(topo, p, registry.DAEMONS + (docs,))
     cmdline = [ln for ln in files["onebox-kernel-cmdline.txt"].splitlines() if ln and not ln.startswith("#")]
     assert cmdline == ["irqaffinity=0-1,16-17 nohz_full=2-15,18-31 rcu_nocbs=2-15,18-31"]
     assert "CPUAffinity=0-1,16-17" in files["onebox-router.service.d/tune.conf"]
-    assert "CPUWeight=50" in files["onebox-ingest.service.d/tune.conf"]
+    assert "CPUWeight=50" in files["onebox-docs.service.d/tune.conf"]
+    assert "CPUAffinity=0-1,16-17" in files["onebox-docs.service.d/tune.conf"]
     assert "Environment=ONEBOX__MODELS__%i__FEEDER_PRIORITY=10" in files["onebox-infer@.service.d/tune.conf"]
 
 
@@ -104,9 +109,8 @@ def test_emit_writes_dropins_systemd_understands(tmp_path: Path, capsys: pytest.
     out = tmp_path / "out"
     assert tune.main(["--root", str(root), "--emit", str(out)]) == 0
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert names == ["onebox-embed.service.d/tune.conf", "onebox-infer@.service.d/tune.conf",
-                     "onebox-ingest.service.d/tune.conf", "onebox-kernel-cmdline.txt",
-                     "onebox-ocr.service.d/tune.conf", "onebox-router.service.d/tune.conf"]
+    # One drop-in per registered daemon, nothing for daemons that do not exist.
+    assert names == sorted([f"{d.unit}.d/tune.conf" for d in registry.DAEMONS] + ["onebox-kernel-cmdline.txt"])
     text = capsys.readouterr().out
     assert "4 CPUs, 4 cores" in text and "wrote" in text
 

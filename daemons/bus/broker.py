@@ -25,7 +25,7 @@ import zmq.asyncio
 
 from daemons.bus import protocol as p
 from daemons.bus.droplog import DropLog
-from daemons.bus.errors import BusError, DeadlineExceeded, NoWorker, RemoteError, WorkerLost
+from daemons.bus.errors import BusError, DeadlineExceeded, NoWorker, RemoteError, WorkerLost, kind_of
 from daemons.config import BusConfig
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ class Broker:
         client = self.clients.get(identity)
         if client is None:
             client = self.clients[identity] = ClientInfo(identity, now)
-        client.expiry = now + self.bus.heartbeat_interval_s * self.bus.heartbeat_liveness
+        client.expiry = now + p.client_silence_s(self.bus.heartbeat_interval_s, self.bus.heartbeat_liveness)
         if msg.command == p.HEARTBEAT:
             return
         call_id = msg.header["id"]
@@ -375,7 +375,7 @@ class Broker:
                                         {"id": call_id, "data": data})
         except BusError as exc:
             await self._send_client(client.identity, p.ERROR, {"id": call_id, "code": exc.code,
-                                                               "message": exc.message})
+                                                               "message": exc.message, "kind": kind_of(exc)})
         except asyncio.CancelledError:
             pass  # the client cancelled or went silent; leaving `async for` sent CANCEL on
         finally:

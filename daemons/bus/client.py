@@ -31,7 +31,7 @@ import zmq.asyncio
 
 from daemons.bus import protocol as p
 from daemons.bus.droplog import DropLog
-from daemons.bus.errors import BusError, DeadlineExceeded, RemoteError, WorkerLost
+from daemons.bus.errors import BusError, DeadlineExceeded, WorkerLost, from_wire
 from daemons.config import BusConfig
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ Item = tuple[str, dict[str, Any]] | BusError
 
 def _item(msg: p.Message) -> Item:
     if msg.command == p.ERROR:
-        return RemoteError(msg.header["message"], msg.header["code"])
+        return from_wire(msg.header.get("kind"), msg.header["message"], msg.header["code"])
     return ("final" if msg.command == p.FINAL else "partial", msg.header["data"])
 
 
@@ -196,7 +196,7 @@ class BusClient:
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         interval = self.bus.heartbeat_interval_s
-        silence = interval * self.bus.heartbeat_liveness
+        silence = p.client_silence_s(interval, self.bus.heartbeat_liveness)
         heard = time.monotonic()
         next_beat = heard + interval
         try:
@@ -374,7 +374,7 @@ class AsyncBusClient:
 
     async def _heartbeat(self) -> None:
         interval = self.bus.heartbeat_interval_s
-        silence = interval * self.bus.heartbeat_liveness
+        silence = p.client_silence_s(interval, self.bus.heartbeat_liveness)
         while True:
             await asyncio.sleep(interval)
             if not self._calls:

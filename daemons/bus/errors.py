@@ -37,3 +37,20 @@ class RemoteError(BusError):
 
 class RequestError(BusError):
     """Raised by a worker's handler to refuse one request (bad input, overload)."""
+
+
+# The `kind` an ERROR carries to a bus client, so it raises the same type the broker did.
+KINDS: dict[str, type[BusError]] = {
+    "no_worker": NoWorker, "worker_lost": WorkerLost, "deadline": DeadlineExceeded, "remote": RemoteError,
+}
+
+
+def kind_of(exc: BusError) -> str:
+    for kind, cls in KINDS.items():
+        if type(exc) is cls:
+            return kind
+    return "remote"
+
+
+def from_wire(kind: str | None, message: str, code: int) -> BusError:
+    return KINDS.get(kind or "remote", RemoteError)(message, code)

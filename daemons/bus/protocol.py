@@ -26,11 +26,12 @@ Client commands (a daemon or `onebox` command calling a service through the brok
                                   (within the deadline) before failing with 503
     CANCEL     client -> broker   id                    stop that call
     HEARTBEAT  both ways          (none)                sent while calls are open: a
-                                  client silent for `liveness` intervals has its calls
-                                  cancelled; a broker silent as long fails them
+                                  client silent for `liveness` intervals (at least 3 s)
+                                  has its calls cancelled; a broker silent as long fails them
     PARTIAL    broker -> client   id, data (map)
     FINAL      broker -> client   id, data (map)
-    ERROR      broker -> client   id, code, message
+    ERROR      broker -> client   id, code, message; optional kind: "no_worker",
+                                  "worker_lost", "deadline" or "remote" (the worker said it)
 
 A client's ids are its own (the broker keeps them per client). Services whose names
 start with "mmi." are answered by the broker itself (Majordomo's management interface,
@@ -92,6 +93,7 @@ SCHEMA: dict[bytes, dict[str, type | tuple[type, ...]]] = {
 OPTIONAL: dict[bytes, dict[str, type | tuple[type, ...]]] = {
     HEARTBEAT: {"status": dict},
     CALL: {"wait_s": _NUM},
+    ERROR: {"kind": str},
 }
 
 # Commands each side may receive.
@@ -101,6 +103,14 @@ FROM_CLIENT = frozenset({CALL, CANCEL, HEARTBEAT})
 TO_CLIENT = frozenset({PARTIAL, FINAL, ERROR, HEARTBEAT})
 
 MAX_ID_LEN = 128
+# Between clients and the broker, silence means death only after liveness x interval
+# and at least this long: a dead client only wastes work until then, while a false
+# alarm fails calls that were fine (a busy 2-core box can stall a process that long).
+CLIENT_SILENCE_MIN_S = 3.0
+
+
+def client_silence_s(interval: float, liveness: int) -> float:
+    return max(CLIENT_SILENCE_MIN_S, interval * liveness)
 MAX_SERVICE_LEN = 128
 
 

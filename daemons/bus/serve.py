@@ -83,9 +83,10 @@ class Loading:
 
     @property
     def stall_s(self) -> float:
-        """An engine loop silent this long is stalled: one heartbeat interval (at least
-        half a second), so the router stops sending it requests within a few heartbeats."""
-        return max(0.5, self.config.bus.heartbeat_interval_s)
+        """An engine loop silent this long is stalled: two heartbeat intervals, and at
+        least 2 s (a busy 2-core box can keep a thread off the CPU for a fraction of a
+        second), so the router stops sending it requests within three heartbeats."""
+        return max(2.0, 2 * self.config.bus.heartbeat_interval_s)
 
     def extend(self, seconds: float, status: str) -> None:
         """A slow step is starting (loading a model): keep systemd's start timeout away."""

@@ -158,6 +158,7 @@ class Worker:
         self._draining = False
         # False while the engine is stalled: DISCONNECT said, no heartbeats.
         self.registered = False
+        self._last_check = time.monotonic()
         self.drops = DropLog(log, "message")
 
     # -- connection ------------------------------------------------------------------
@@ -297,6 +298,10 @@ class Worker:
 
     def _check_engine(self, handler: Handler) -> None:
         """Liveness is progress: a stalled engine leaves the bus until it moves again."""
+        now = time.monotonic()
+        starved, self._last_check = now - self._last_check > 1.0, now
+        if starved:
+            return  # this thread was off the CPU too: the whole process waited, nothing hung
         alive = handler.alive()
         if self.registered and not alive and not self._draining:
             log.error("%s engine is not making progress (hung?); leaving the bus so no new requests come "

@@ -47,9 +47,9 @@ class LogConfig:
 @dataclass(frozen=True)
 class BusConfig:
     heartbeat_interval_s: float = setting(
-        1.0, "Heartbeats both ways; a peer silent for heartbeat_liveness intervals is dead, and a daemon\n"
-             "whose engine stops making progress for one interval stops heartbeating, so the router\n"
-             "stops sending it requests.", ge=0.05, le=60)
+        1.0, "Heartbeats both ways; a peer silent for heartbeat_liveness intervals is dead. A daemon\n"
+             "whose engine makes no progress for two intervals (at least 2 s) leaves the bus until it\n"
+             "does, so the router stops sending it requests within three heartbeats.", ge=0.05, le=60)
     heartbeat_liveness: int = setting(3, "", ge=2, le=20)
     max_message_bytes: int = setting(4 * 1024 * 1024, "Larger bus messages are refused (a bad peer cannot exhaust memory).",
                                      ge=64 * 1024)

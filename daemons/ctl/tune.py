@@ -6,7 +6,7 @@ writes, under --emit DIR:
   onebox-infer@.service.d/tune.conf    CPUAffinity=/AllowedCPUs=/CPUWeight= for inference,
                                        and the feeder thread's CPU and SCHED_FIFO priority
   onebox-router.service.d/tune.conf    the router on the housekeeping CPUs
-  onebox-{embed,ocr,ingest}.service.d/tune.conf   background daemons, lowest weight
+  UNIT.d/tune.conf                     each background daemon (daemons/registry.py), lowest weight
   onebox-kernel-cmdline.txt                   irqaffinity=/nohz_full=/rcu_nocbs= (and why no isolcpus=)
 The feeder settings go in as ONEBOX__MODELS__<instance>__FEEDER_* environment
 overrides in the drop-in, so the tuning lives with the other systemd placement and the
@@ -26,16 +26,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemons import cpu
+from daemons import cpu, registry
 
 # Below this many physical cores, isolating one for the feeder starves everything else.
 MIN_CORES_TO_ISOLATE = 4
 FEEDER_PRIORITY = 10
 WEIGHTS = {"infer": 1000, "router": 200, "background": 50}
-BACKGROUND_UNITS = ("onebox-embed.service", "onebox-ocr.service", "onebox-ingest.service")
 
 
 @dataclass(frozen=True)
@@ -224,10 +224,20 @@ def header(topo: Topology) -> str:
             f"# {topo.describe()}.\n# Re-run it after hardware changes; delete this file to undo.\n")
 
 
-def render(topo: Topology, p: Plan) -> dict[str, str]:
-    """File name (relative to the emit dir) -> content."""
+def render(topo: Topology, p: Plan, daemons: Sequence[registry.Daemon] = registry.DAEMONS) -> dict[str, str]:
+    """File name (relative to the emit dir) -> content: a drop-in for each registered
+    daemon's unit, by its placement, and the kernel command line."""
     head = header(topo)
-    infer = [head, "[Service]",
+    files: dict[str, str] = {}
+    for d in daemons:
+        text = {"infer": _infer, "router": _router, "background": _background}[d.placement](topo, p)
+        files[f"{d.unit}.d/tune.conf"] = head + "\n".join(text) + "\n"
+    files["onebox-kernel-cmdline.txt"] = kernel_cmdline(topo, p)
+    return files
+
+
+def _infer(topo: Topology, p: Plan) -> list[str]:
+    infer = ["[Service]",
              f"# Inference on node {p.node}'s CPUs {fmt(p.infer)}. CPUAffinity= pins the processes;",
              "# AllowedCPUs= is the same as a cgroup cpuset, enforced where cpuset is on cgroup v2.",
              f"CPUAffinity={fmt(p.infer)}", f"AllowedCPUs={fmt(p.infer)}",
@@ -251,22 +261,23 @@ def render(topo: Topology, p: Plan) -> dict[str, str]:
                   "DeviceAllow=/dev/nvidiactl rw", "DeviceAllow=/dev/nvidia-uvm rw",
                   "DeviceAllow=/dev/nvidia-uvm-tools rw"]
         infer += [f"DeviceAllow=/dev/nvidia{i} rw" for i in range(len(topo.gpus))]
-    files = {"onebox-infer@.service.d/tune.conf": "\n".join(infer) + "\n"}
-    files["onebox-router.service.d/tune.conf"] = "\n".join([
-        head, "[Service]",
-        f"# The router shares the housekeeping CPUs {fmt(p.housekeeping)} with the OS: it is mostly",
-        "# waiting on sockets, and must never be starved by the model.",
-        f"CPUAffinity={fmt(p.housekeeping)}", f"AllowedCPUs={fmt(p.housekeeping)}",
-        f"CPUWeight={WEIGHTS['router']}"]) + "\n"
-    for unit in BACKGROUND_UNITS:
-        files[f"{unit}.d/tune.conf"] = "\n".join([
-            head, "[Service]",
+    return infer
+
+
+def _router(topo: Topology, p: Plan) -> list[str]:
+    return ["[Service]",
+            f"# The router shares the housekeeping CPUs {fmt(p.housekeeping)} with the OS: it is mostly",
+            "# waiting on sockets, and must never be starved by the model.",
+            f"CPUAffinity={fmt(p.housekeeping)}", f"AllowedCPUs={fmt(p.housekeeping)}",
+            f"CPUWeight={WEIGHTS['router']}"]
+
+
+def _background(topo: Topology, p: Plan) -> list[str]:
+    return ["[Service]",
             f"# Background work (documents, OCR, embeddings) on CPUs {fmt(p.background)}, lowest weight:",
             "# it yields to requests at once, yet uses every idle cycle (no CPUQuota=).",
             f"CPUAffinity={fmt(p.background)}", f"AllowedCPUs={fmt(p.background)}",
-            f"CPUWeight={WEIGHTS['background']}"]) + "\n"
-    files["onebox-kernel-cmdline.txt"] = kernel_cmdline(topo, p)
-    return files
+            f"CPUWeight={WEIGHTS['background']}"]
 
 
 def kernel_cmdline(topo: Topology, p: Plan) -> str:

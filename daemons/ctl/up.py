@@ -84,13 +84,16 @@ def main(argv: list[str] | None = None, daemons: Sequence[registry.Daemon] = reg
         prog="onebox up",
         description=(
             "Run every daemon the config enables (the router, one inference daemon per model, ...) in "
-            "the foreground. Sockets go to ./var/run and state to ./var/lib of the checkout unless "
-            "ONEBOX_RUNTIME_DIR / ONEBOX_STATE_DIR say otherwise. Ctrl-C stops everything."
+            "the foreground. With the checkout's default config, sockets go to ./var/run and state to "
+            "./var/lib unless ONEBOX_RUNTIME_DIR / ONEBOX_STATE_DIR say otherwise; a file given with "
+            "--config is used as written. Ctrl-C stops everything."
         ),
     )
     parser.add_argument("--config", type=Path, help="config file (default: the checkout's etc/onebox/onebox.toml)")
     args = parser.parse_args(argv)
-    env = dev_env(dict(os.environ))
+    # The checkout's own config names /run and /var/lib; a file given with --config is
+    # taken as written.
+    env = dict(os.environ) if args.config else dev_env(dict(os.environ))
     config_path = (args.config or default_config()).resolve()
     try:
         config = config_mod.load(config_path, env)

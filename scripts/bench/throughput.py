@@ -121,7 +121,8 @@ class Onebox(Server):
     name = "onebox"
 
     def __init__(self, directory: Path, threads: int, extra: dict[str, Any]) -> None:
-        from daemons.ctl.launcher import Child
+        from daemons import config, registry
+        from daemons.ctl.launcher import Suite
 
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -132,29 +133,23 @@ class Onebox(Server):
         cfg = directory / "onebox.toml"
         cfg.write_text("\n".join(lines) + "\n")
         env = {k: v for k, v in os.environ.items() if not k.startswith("ONEBOX") and k != "NOTIFY_SOCKET"}
-        self.log = open(directory / "onebox.log", "ab")
-        self.children = []
+        self.suite = Suite(cfg, env, directory / "run", log_dir=directory)
         try:
-            for name, args in (("router", ["router"]), (f"infer@{NAME}", ["infer", NAME])):
-                child = Child(name, [sys.executable, "-m", "daemons.ctl.main", *args, "--config", str(cfg)], env,
-                              directory / "notify", output=self.log)
-                self.children.append(child)
-                child.start()
-                child.wait_ready(180)
+            self.suite.start_all(registry.instances(config.load(cfg, env)), wait=180)
         except BaseException:
             self.stop()  # a daemon that failed to start leaves none behind
             raise
-        self.pid = self.children[1].pid
-        self.router_pid = self.children[0].pid
-        self.log_path = directory / "onebox.log"
+        self.pid = self.suite.children[f"infer@{NAME}"].pid
+        self.router_pid = self.suite.children["router"].pid
+        self.log_path = directory / f"infer@{NAME}.log"
 
     def engine_status(self) -> dict[str, Any]:
-        import httpx
+        def idle(b: dict[str, Any]) -> bool:  # the heartbeat after the last request finished
+            w = b["models"][NAME]["workers"][0]
+            return bool(w["slots"]["busy"] == 0 and w["queue"] == 0)
 
-        time.sleep(1.5)  # the status comes with the worker's heartbeats
-        body = httpx.get(self.base_url + "/status", timeout=10).json()
-        workers = body["models"][NAME]["workers"]
-        return dict(workers[0]) if workers else {}
+        body = self.suite.wait_status(idle, timeout=10, what="the engine's status after the load")
+        return dict(body["models"][NAME]["workers"][0])
 
     def memory_plan_mib(self) -> float | None:
         for line in self.log_path.read_text(errors="replace").splitlines():
@@ -163,9 +158,7 @@ class Onebox(Server):
         return None
 
     def stop(self) -> None:
-        for child in reversed(self.children):
-            child.stop(15)
-        self.log.close()
+        self.suite.stop(15)
 
 
 class Baseline(Server):
