@@ -94,3 +94,36 @@ def test_unsendable_replies_fail_the_request_without_a_gap(tmp_path: Any) -> Non
         ctx.term()
     assert not thread.is_alive()
     assert os.path.exists(f"{tmp_path}/bus.sock")
+
+
+def test_engine_threads_own_no_sockets(tmp_path: Any) -> None:
+    """Engine threads emit through a queue, never a ZeroMQ socket of their own: the main
+    thread closes the worker and ends the context while a thread is still emitting (a
+    hung or slow engine at shutdown), without blocking in term() or touching a socket
+    from two threads."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    worker = Worker(ctx, f"ipc://{tmp_path}/bus.sock", "stream", 4, BusConfig())
+    emit = worker.emitter
+    stop = threading.Event()
+    sent = 0
+
+    def busy() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            emit.partial("r1", {"n": sent})
+            sent += 1
+
+    threads = [threading.Thread(target=busy, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    worker.close()
+    t0 = time.monotonic()
+    ctx.term()
+    assert time.monotonic() - t0 < 1.0
+    time.sleep(0.1)
+    assert all(t.is_alive() for t in threads), "an emitting thread died when the worker closed"
+    stop.set()
+    for t in threads:
+        t.join(2)
+    assert sent > 0

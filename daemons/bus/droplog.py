@@ -12,13 +12,11 @@ class DropLog:
         self.what = what
         self.every_s = every_s
         self.dropped = 0
-        self.total = 0
         self._last = 0.0
 
     def drop(self, peer: str, reason: str) -> None:
         # A flood of junk must not flood the journal.
         self.dropped += 1
-        self.total += 1
         now = time.monotonic()
         if now - self._last >= self.every_s:
             self.log.warning("dropped malformed %s from %s: %s (%d dropped since last report)",
