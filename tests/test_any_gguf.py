@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,14 +84,7 @@ def document(tag: str, sentences: int) -> str:
 
 def wait_idle(s: Suite, timeout: float = 30.0) -> None:
     """Until the worker reports no busy slot (its status comes with heartbeats)."""
-    deadline = time.monotonic() + timeout
-    with s.client() as c:
-        while time.monotonic() < deadline:
-            w = c.get("/v1/status").json()["models"][NAME]["workers"]
-            if w and w[0].get("slots", {}).get("busy") == 0:
-                return
-            time.sleep(0.1)
-    raise AssertionError("the worker stayed busy")
+    s.wait_status(lambda b: b["models"][NAME]["workers"][0]["slots"]["busy"] == 0, timeout, "the worker to be idle")
 
 
 def test_gemma_greedy_matches_llama_cpp_python(gemma: Suite, reference: Any) -> None:

@@ -25,14 +25,9 @@ SYSTEM = ("You are the support assistant of a small hardware shop. Answer in one
 
 def status(s: Suite) -> dict[str, Any]:
     """The worker's engine state; it comes with heartbeats, so wait for the first."""
-    deadline = time.monotonic() + 5
-    with s.client() as c:
-        while True:
-            workers = c.get("/v1/status").json()["models"]["smollm2"]["workers"]
-            assert len(workers) == 1
-            if "slots" in workers[0] or time.monotonic() > deadline:
-                return dict(workers[0])
-            time.sleep(0.05)
+    body = s.wait_status(lambda b: len(b["models"]["smollm2"]["workers"]) == 1
+                         and "slots" in b["models"]["smollm2"]["workers"][0], timeout=5, what="the engine's state")
+    return dict(body["models"]["smollm2"]["workers"][0])
 
 
 def wait_for(what: Callable[[], bool], timeout: float = 10.0) -> bool:

@@ -48,7 +48,7 @@ def test_killed_worker_gives_503_then_restart_is_used(fresh_dir: Path) -> None:
             t.join(15)
             assert not t.is_alive(), "in-flight request hung after its worker died"
             assert result["status"] == 503, result
-            assert "stopped answering heartbeats" in str(result["body"])
+            assert "exited" in str(result["body"]) or "stopped answering heartbeats" in str(result["body"])
 
             # Within three heartbeats the worker is known dead: 503 with Retry-After, fast.
             wait_for(lambda: c.get("/ready").status_code == 503, 5, "/ready to report the dead worker")
@@ -113,3 +113,20 @@ def test_sigterm_drains_in_flight_request(fresh_dir: Path) -> None:
         wait_for(lambda: infer.exit_code() is not None, 15, "the worker to exit")
         assert infer.exit_code() == 0
         assert "draining" in suite.log_text("infer@smollm2")
+
+
+def test_restarted_worker_is_preferred_over_its_dead_self(fresh_dir: Path) -> None:
+    """kill -9 and an immediate restart (as systemd does): until the dead worker misses its
+    heartbeats the broker knows two; requests must go to the one that is alive."""
+    from tests.harness import write_config
+
+    config = write_config(fresh_dir, heartbeat=1.0)
+    with running_suite(fresh_dir, config) as suite, suite.client(timeout=30) as c:
+        assert status(c) == 200
+        suite.children["infer@smollm2"].signal(signal.SIGKILL)
+        suite.start_infer()
+        # Ready (READY=1) means registered with the broker: requests work at once, and none
+        # is handed to the dead worker (it would fail with 503 when the broker notices).
+        for _ in range(3):
+            r = c.post("/v1/completions", json=REQ)
+            assert r.status_code == 200, r.text

@@ -53,6 +53,12 @@ class WorkerInfo:
     def describe(self) -> str:
         return f"{self.service} worker pid {self.pid}"
 
+    def quiet(self, now: float, liveness: int) -> bool:
+        """Not heard from for over one and a half heartbeats: maybe dead (killed, and its
+        restarted self already registered), not yet expired. Sent work only if no other can take it."""
+        heard = self.expiry - self.heartbeat_s * liveness
+        return now - heard > 1.5 * self.heartbeat_s
+
 
 @dataclass
 class ClientInfo:
@@ -200,7 +206,9 @@ class Broker:
                     continue
                 free = [w for w in workers if len(w.inflight) < w.capacity]
                 if free:
-                    worker = min(free, key=lambda w: len(w.inflight) / w.capacity)
+                    now = time.monotonic()
+                    worker = min(free, key=lambda w: (w.quiet(now, self.bus.heartbeat_liveness),
+                                                      len(w.inflight) / w.capacity, -w.expiry))
                     break
                 remaining = deadline - time.time()
                 if remaining <= 0:
@@ -293,6 +301,8 @@ class Broker:
                 meta={k: v for k, v in h.items() if k not in p.SCHEMA[p.READY]},
             )
             log.info("worker registered: %s, capacity %d", self.workers[identity].describe(), h["capacity"])
+            await self._send(identity, p.HEARTBEAT, {})  # the acknowledgement its READY=1 waits for
+            self._reap_exited()
             await self._notify_room()
             return
         if worker is None:
@@ -398,6 +408,22 @@ class Broker:
             del self.clients[client.identity]
         return alive
 
+    def _reap_exited(self) -> None:
+        """Workers whose process is gone. Over ipc:// every worker is on this box and says
+        its pid, so a kill -9 is known at once rather than after `liveness` heartbeats
+        (a pid that was reused looks alive: the heartbeats still catch that one)."""
+        if not self.endpoint.startswith("ipc://"):
+            return
+        for worker in list(self.workers.values()):
+            try:
+                os.kill(worker.pid, 0)
+            except ProcessLookupError:
+                log.error("%s exited (its process is gone: killed, crashed or out of memory?); failing %d "
+                          "request(s)", worker.describe(), len(worker.inflight))
+                self._lose(worker, "exited")
+            except PermissionError:
+                pass  # alive, someone else's to signal
+
     def _lose(self, worker: WorkerInfo, why: str) -> None:
         self.workers.pop(worker.identity, None)
         for call_id in list(worker.inflight):
@@ -413,6 +439,7 @@ class Broker:
             now = time.monotonic()
             for client in self._expire_clients(now):
                 await self._send_client(client.identity, p.HEARTBEAT, {})
+            self._reap_exited()
             for worker in list(self.workers.values()):
                 if worker.expiry <= now:
                     log.error(

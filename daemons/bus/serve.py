@@ -135,8 +135,13 @@ def serve(config: Config, served: Served, notifier: service.Notifier, signals: s
     worker = Worker(zctx, config.paths.bus_endpoint, served.service, served.capacity, config.bus, meta=served.meta)
     engine = served.engine(worker.emitter)
     engine.start()
-    notifier.ready(served.ready_status)
-    log.info("%s ready after %.1f s", served.service, time.monotonic() - started)
+
+    def ready() -> None:
+        # Once the broker has the registration: a client that sees the unit active can
+        # reach it through the router at once.
+        notifier.ready(served.ready_status)
+        log.info("%s ready after %.1f s", served.service, time.monotonic() - started)
+
     last_status = 0.0
     gave_up: str | None = None
 
@@ -156,7 +161,8 @@ def serve(config: Config, served: Served, notifier: service.Notifier, signals: s
 
     code = service.EX_OK
     try:
-        worker.run(engine, should_stop=should_stop, on_tick=tick, drain_timeout=served.shutdown_timeout_s)
+        worker.run(engine, should_stop=should_stop, on_tick=tick, drain_timeout=served.shutdown_timeout_s,
+                   on_registered=ready)
         if gave_up:
             log.critical("%s: %s", served.service, gave_up)
             code = service.EX_SOFTWARE

@@ -159,6 +159,8 @@ class Worker:
         # False while the engine is stalled: DISCONNECT said, no heartbeats.
         self.registered = False
         self._last_check = time.monotonic()
+        self._on_registered: Callable[[], None] | None = None
+        self._registered_by = 0.0
         self.drops = DropLog(log, "message")
 
     # -- connection ------------------------------------------------------------------
@@ -239,8 +241,13 @@ class Worker:
     # -- main loop -------------------------------------------------------------------
 
     def run(self, handler: Handler, should_stop: Callable[[], int], on_tick: Callable[[], None],
-            drain_timeout: float) -> None:
-        """Serve until `should_stop()` turns non-zero; a value of 2 or more skips the drain."""
+            drain_timeout: float, on_registered: Callable[[], None] | None = None) -> None:
+        """Serve until `should_stop()` turns non-zero; a value of 2 or more skips the drain.
+        `on_registered` is called once: when the broker first answers (it acknowledges
+        READY at once), or after one heartbeat interval without a broker (the router is
+        down or not started yet; the worker registers whenever it comes)."""
+        self._on_registered = on_registered
+        self._registered_by = time.monotonic() + self.bus.heartbeat_interval_s
         self._connect()
         log.info("registering %s with the broker at %s", self.service, self.endpoint)
         stop_at: float | None = None
@@ -257,6 +264,8 @@ class Worker:
                     self._finish(handler)
                     return
             self._step(handler)
+            if self._on_registered is not None and time.monotonic() >= self._registered_by:
+                self._announce()
             on_tick()
 
     def _finish(self, handler: Handler) -> None:
@@ -296,6 +305,11 @@ class Worker:
             self._reset(handler, "the broker went silent")
             self._connect()
 
+    def _announce(self) -> None:
+        if self._on_registered is not None:
+            callback, self._on_registered = self._on_registered, None
+            callback()
+
     def _check_engine(self, handler: Handler) -> None:
         """Liveness is progress: a stalled engine leaves the bus until it moves again."""
         now = time.monotonic()
@@ -321,6 +335,7 @@ class Worker:
             except zmq.Again:
                 return
             self._broker_expiry = time.monotonic() + self._silence_limit()
+            self._announce()
             try:
                 msg = p.decode(frames, self.bus.max_message_bytes)
                 if msg.command not in p.FROM_BROKER:

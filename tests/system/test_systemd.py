@@ -170,7 +170,7 @@ def test_chat_completion_over_api_socket(box: Box) -> None:
 
 def test_systemctl_status_shows_status_text(box: Box) -> None:
     box.require_installed()
-    expect = {ROUTER: "serving /run/onebox/api.sock; smollm2: 1 worker(s)", INFER: "infer/smollm2: "}
+    expect = {ROUTER: "serving /run/onebox/api.sock; infer/smollm2: 1 worker(s)", INFER: "infer/smollm2: "}
     for unit, text in expect.items():
         wait_until(lambda: text in prop(box, unit, "StatusText"), 10, f"{unit} STATUS")
         rc, out = box.run("systemctl", "status", "--no-pager", unit)
@@ -233,7 +233,7 @@ def test_hung_feeder_watchdog_restarts_infer(box: Box) -> None:
         text = journal(box, INFER, cursor)
         assert "Watchdog timeout" in text, text[-3000:]
         # PYTHONFAULTHANDLER=1: the watchdog's SIGABRT leaves every thread's stack.
-        assert "Fatal Python error: Aborted" in text and "hang_hook" in text, text[-3000:]
+        assert "Fatal Python error: Aborted" in text and "in on_turn" in text, text[-3000:]
         print(f"hung feeder: watchdog SIGABRT {killed:.1f} s after the hang (WatchdogSec=6s), "
               f"pid {pid} -> {prop(box, INFER, 'MainPID')}")
     finally:
