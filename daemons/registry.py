@@ -79,7 +79,8 @@ CORE = ("paths", "log", "bus")
 
 ROUTER = Daemon(
     name="router", module="daemons.router.main", summary="run the router daemon (API + bus broker)",
-    unit="onebox-router.service", sections=(*CORE, "router", "models"), service=None, placement="router",
+    unit="onebox-router.service", sections=(*CORE, "router", "models", "embeddings"), service=None,
+    placement="router",
 )
 INFER = Daemon(
     name="infer", module="daemons.infer.main", summary="run an inference daemon for one model",
@@ -87,8 +88,14 @@ INFER = Daemon(
     instances_of="models",
 )
 
+EMBED = Daemon(
+    name="embed", module="daemons.embed.main", summary="run an embedding daemon for one model",
+    unit="onebox-embed@.service", sections=(*CORE, "embeddings"), service="embed/{key}", placement="background",
+    instances_of="embeddings",
+)
+
 # In start order: the router (the broker) first, stopped last.
-DAEMONS: tuple[Daemon, ...] = (ROUTER, INFER)
+DAEMONS: tuple[Daemon, ...] = (ROUTER, INFER, EMBED)
 
 
 def by_name(name: str, daemons: Sequence[Daemon] = DAEMONS) -> Daemon:

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from daemons.config.core import BusConfig, LogConfig, PathsConfig
+from daemons.config.embeddings import EmbeddingConfig
 from daemons.config.models import ModelConfig
 from daemons.config.router import RouterConfig
 from daemons.config.schema import ConfigError, build, is_section, render_section
 
-__all__ = ["BusConfig", "Config", "ConfigError", "DEFAULT_CONFIG", "LogConfig", "ModelConfig", "PathsConfig",
+__all__ = ["BusConfig", "Config", "ConfigError", "DEFAULT_CONFIG", "EmbeddingConfig", "LogConfig", "ModelConfig",
+           "PathsConfig",
            "RouterConfig", "SECTIONS", "load", "parse", "render_defaults"]
 
 DEFAULT_CONFIG = Path("/etc/onebox/onebox.toml")
@@ -43,7 +45,18 @@ class Config:
     models: dict[str, ModelConfig] = field(default_factory=dict, metadata={
         "doc": 'One table per model; the key (here "smollm2") is the model name clients send and the\n'
                "instance of onebox-infer@.service.", "example": "smollm2"})
+    embeddings: dict[str, EmbeddingConfig] = field(default_factory=dict, metadata={
+        "doc": "One table per embedding model, served by onebox-embed@NAME.service at POST /v1/embeddings;\n"
+               'the key (here "minilm") is the model name clients send. Names are shared with [models]:\n'
+               "each must be unique.", "example": "minilm"})
     source: str = "<defaults>"
+
+    def embedding(self, key: str) -> EmbeddingConfig:
+        try:
+            return self.embeddings[key]
+        except KeyError:
+            known = ", ".join(sorted(self.embeddings)) or "none"
+            raise ConfigError(f"{self.source}: no [embeddings.{key}] (configured: {known})") from None
 
     def model(self, key: str) -> ModelConfig:
         try:
@@ -124,6 +137,10 @@ def parse_sections(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, li
     for name in raw:
         if name not in SECTIONS:
             errors[""].append(f"unknown section [{name}] (known: {', '.join(SECTIONS)})")
+    models, embeddings = raw.get("models"), raw.get("embeddings")
+    if isinstance(models, Mapping) and isinstance(embeddings, Mapping):
+        for key in sorted(set(models) & set(embeddings)):
+            errors[""].append(f"[models.{key}] and [embeddings.{key}]: a model name clients send must be unique")
     for name, sec in SECTIONS.items():
         errs: list[str] = []
         data = raw.get(name, {})

@@ -11,7 +11,7 @@ from daemons import __version__, registry
 TOOLS = {
     "up": ("daemons.ctl.up", "run the suite in the foreground (development)"),
     "config": ("daemons.ctl.config_cmd", "check the config file, or print the documented defaults"),
-    "models": ("daemons.models", "list the configured models and their files"),
+    "models": ("daemons.ctl.models_cmd", "list the configured models and their files, or convert one to GGUF"),
     "tune": ("daemons.ctl.tune", "write systemd drop-ins and kernel parameters for this box's CPUs"),
 }
 COMMANDS = {**{d.name: (d.module, d.summary) for d in registry.DAEMONS}, **TOOLS}

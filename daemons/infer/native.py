@@ -1,86 +1,23 @@
-"""A thin typed layer over llama.cpp's low-level API (llama-cpp-python's ctypes module).
-
-Only the feeder thread calls into a `Context`. Every return code is checked: pitfalls
-that abort the process in llama.cpp (more tokens than n_batch in one batch, position
-gaps) are refused here before the call.
-"""
+"""The inference daemon's llama.cpp context: one unified KV pool for many sequences,
+and each request's sampler chain. Only the feeder thread calls into a `Context`. What
+any llama.cpp daemon needs (errors, logs, batches, pieces) is in daemons/llama.py."""
 
 from __future__ import annotations
 
-import ctypes
-import logging
-import re
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
 
 from daemons.infer.request import GenRequest
+from daemons.llama import BUFFER_MIB, Batch, KvFull, LlamaError, Pieces, forward_llama_logs, meta
 
-llama_log = logging.getLogger("llama.cpp")
+__all__ = ["Batch", "Context", "KvFull", "KvShape", "LlamaError", "Pieces", "Sampler", "batch_refusal",
+           "forward_llama_logs", "kv_shape", "meta", "unsupported_reason"]
 
 # llama-cpp-python's own greedy/penalty defaults, so one request matches its output.
 PENALTY_LAST_N = 64
-
-_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error
-
-
-class LlamaError(Exception):
-    """A llama.cpp call failed."""
-
-
-class KvFull(LlamaError):
-    """llama_decode returned 1: no KV slot for the batch."""
-
-
-class _LogForwarder:
-    """Routes llama.cpp's log lines to Python logging ("llama.cpp" logger, debug
-    unless llama.cpp says warning/error) and lets a caller capture them for a while."""
-
-    def __init__(self) -> None:
-        self._buf = ""
-        self._level = logging.DEBUG
-        self._lock = threading.Lock()
-        self._captured: list[str] | None = None
-        self.callback = llama_cpp.llama_log_callback(self._on_log)
-
-    def _on_log(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        with self._lock:
-            if level != 5:  # 5: continues the previous line at its level
-                self._level = _LEVELS.get(level, logging.DEBUG)
-            self._buf += text.decode("utf-8", "replace")
-            while "\n" in self._buf:
-                line, self._buf = self._buf.split("\n", 1)
-                if self._captured is not None:
-                    self._captured.append(line)
-                if line.strip():
-                    llama_log.log(self._level, "%s", line)
-
-    @contextmanager
-    def capture(self) -> Iterator[list[str]]:
-        lines: list[str] = []
-        with self._lock:
-            self._captured = lines
-        try:
-            yield lines
-        finally:
-            with self._lock:
-                self._captured = None
-
-
-_forwarder: _LogForwarder | None = None
-
-
-def forward_llama_logs() -> _LogForwarder:
-    """Install the forwarder once per process (replacing llama-cpp-python's printer)."""
-    global _forwarder
-    if _forwarder is None:
-        _forwarder = _LogForwarder()
-        llama_cpp.llama_log_set(_forwarder.callback, ctypes.c_void_p(0))
-    return _forwarder
 
 
 @dataclass(frozen=True)
@@ -96,12 +33,6 @@ class KvShape:
     @property
     def bytes_per_cell(self) -> int:
         return self.n_layer * self.n_head_kv * (self.key_length + self.value_length) * self.bytes_per_value
-
-
-def meta(model: Any, key: str) -> str | None:
-    buf = ctypes.create_string_buffer(256)
-    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
-    return buf.value.decode() if n >= 0 else None
 
 
 def kv_shape(model: Any) -> KvShape:
@@ -143,10 +74,6 @@ def batch_refusal(path: str) -> str | None:
         llama_cpp.llama_model_free(model)
 
 
-# llama.cpp's own account of what it allocated besides weights and KV.
-_MIB = re.compile(r"(?:compute|output) buffer size\s*=\s*([\d.]+)\s*MiB")
-
-
 class Context:
     """One llama_context: `n_seq_max` sequences over a unified pool of `n_cells` cells."""
 
@@ -171,7 +98,7 @@ class Context:
             raise LlamaError(f"llama_init_from_model failed ({n_cells} cells, {n_seq_max} sequences)")
         self.ctx = ctx
         self.model = model
-        self.compute_bytes = int(sum(float(m.group(1)) for m in map(_MIB.search, lines) if m) * 2**20)
+        self.compute_bytes = int(sum(float(m.group(1)) for m in map(BUFFER_MIB.search, lines) if m) * 2**20)
         self.n_batch = int(llama_cpp.llama_n_batch(ctx))
         self.n_cells = int(llama_cpp.llama_n_ctx(ctx))
         self.n_seq_max = int(llama_cpp.llama_n_seq_max(ctx))
@@ -206,43 +133,6 @@ class Context:
             self.batch.close()
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
-
-
-class Batch:
-    """A reusable llama_batch; `add` refuses what would abort llama.cpp."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.raw = llama_cpp.llama_batch_init(capacity, 0, 1)
-        self.n = 0
-
-    def clear(self) -> None:
-        self.n = 0
-        self.raw.n_tokens = 0
-
-    def add(self, seq: int, tokens: Sequence[int], pos: int, logits_last: bool) -> int:
-        """Append tokens of one sequence at positions pos..; returns the batch index of
-        the last one (where its logits are, when asked for)."""
-        k = len(tokens)
-        if k > self.capacity - self.n:
-            raise LlamaError(f"batch overflow: {self.n} + {k} > n_batch {self.capacity}")
-        raw, i = self.raw, self.n
-        for j, tok in enumerate(tokens):
-            raw.token[i + j] = tok
-            raw.pos[i + j] = pos + j
-            raw.n_seq_id[i + j] = 1
-            raw.seq_id[i + j][0] = seq
-            raw.logits[i + j] = 0
-        if logits_last:
-            raw.logits[i + k - 1] = 1
-        self.n += k
-        raw.n_tokens = self.n
-        return i + k - 1
-
-    def close(self) -> None:
-        if self.raw is not None:
-            llama_cpp.llama_batch_free(self.raw)
-            self.raw = None
 
 
 class Sampler:
@@ -287,23 +177,3 @@ class Sampler:
             self.chain = None
 
 
-class Pieces:
-    """Token -> bytes, cached (the vocab never changes)."""
-
-    def __init__(self, vocab: Any) -> None:
-        self.vocab = vocab
-        self._cache: dict[int, bytes] = {}
-        self._buf = ctypes.create_string_buffer(256)
-
-    def __call__(self, token: int) -> bytes:
-        piece = self._cache.get(token)
-        if piece is None:
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-                piece = bytes(buf.raw[:max(0, n)])
-            else:
-                piece = bytes(self._buf.raw[:n])
-            self._cache[token] = piece
-        return piece

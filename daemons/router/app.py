@@ -9,10 +9,10 @@ from daemons.bus.broker import Broker
 from daemons.config import Config
 from daemons.router import errors
 from daemons.router.body import BodyLimit
-from daemons.router.routes import completions, health, models
+from daemons.router.routes import completions, embeddings, health, models
 from daemons.router.state import RouterState
 
-AREAS = (health, models, completions)
+AREAS = (health, models, completions, embeddings)
 
 
 def create_app(config: Config, broker: Broker) -> FastAPI:

@@ -17,11 +17,14 @@ def infer_service(model: str) -> str:
 
 @router.get("/v1/models")
 async def models(state: RouterState = Depends(get_state)) -> dict[str, Any]:
+    """Chat models and embedding models (`kind`), each with whether a worker serves it now."""
+    listed = [(name, "chat", infer_service(name)) for name in state.config.models]
+    listed += [(name, "embedding", f"embed/{name}") for name in state.config.embeddings]
     return {
         "object": "list",
         "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "onebox",
-             "ready": bool(state.broker.live(infer_service(name)))}
-            for name in state.config.models
+            {"id": name, "object": "model", "created": 0, "owned_by": "onebox", "kind": kind,
+             "ready": bool(state.broker.live(service))}
+            for name, kind, service in listed
         ],
     }

@@ -1,0 +1,1 @@
+"""Embedding models: converting sentence-transformers BERT models to GGUF for llama.cpp."""

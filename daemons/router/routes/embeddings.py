@@ -1,0 +1,109 @@
+"""POST /v1/embeddings, as OpenAI's: a string, a list of strings, or token ids in; float
+or base64 vectors out, in input order, with usage.prompt_tokens."""
+
+from __future__ import annotations
+
+import base64
+from array import array
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from daemons.bus.broker import Call
+from daemons.bus.errors import BusError
+from daemons.router import errors
+from daemons.router.body import parse_body
+from daemons.router.calls import ClientGone, open_call, require_worker, unless_gone, watch
+from daemons.router.errors import APIError
+from daemons.router.state import Caller, RouterState, caller, get_state
+
+router = APIRouter()
+
+Input = str | list[str] | list[int] | list[list[int]]
+
+
+class OneboxOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    truncate: bool | None = None
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=256)
+    input: Input
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+    # onebox's own options, where the openai client puts extra_body={"onebox": {...}}.
+    onebox: OneboxOptions | None = None
+
+
+def embed_service(model: str) -> str:
+    return f"embed/{model}"
+
+
+def check_model(state: RouterState, model: str) -> str:
+    if model not in state.config.embeddings:
+        hint = " (a chat model: use /v1/chat/completions)" if model in state.config.models else ""
+        raise APIError(404, f"The embedding model '{model}' does not exist{hint}", "model_not_found", "model")
+    service = embed_service(model)
+    require_worker(state, service, f"embedding model '{model}'")
+    return service
+
+
+@router.post("/v1/embeddings", response_model=None)
+async def embeddings(request: Request, who: Caller = Depends(caller),
+                     state: RouterState = Depends(get_state)) -> Response:
+    req = parse_body(EmbeddingRequest, await request.body())
+    if isinstance(req.input, list) and not req.input:
+        raise APIError(400, "input must not be empty", "invalid_request", "input")
+    service = check_model(state, req.model)
+    dims = [w.meta.get("dimensions") for w in state.broker.live(service)]
+    if req.dimensions is not None and req.dimensions not in dims:
+        raise APIError(400, f"dimensions={req.dimensions}: model '{req.model}' gives {dims[0]}-dimensional vectors "
+                            "and cannot shorten them", "invalid_request", "dimensions")
+    body: dict[str, Any] = {"input": req.input}
+    if req.onebox and req.onebox.truncate is not None:
+        body["truncate"] = req.onebox.truncate
+    gone = watch(request)
+    call: Call | None = None
+    try:
+        call = await unless_gone(open_call(state, service, body, who.deadline), gone)
+        parts, final = await unless_gone(collect(call), gone)
+    except BusError as exc:
+        raise errors.from_bus(exc, state.config.router.retry_after_s) from None
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        gone.cancel()
+        if call is not None:
+            await call.close()
+    data = [{"object": "embedding", "index": i, "embedding": vec} for i, vec in
+            enumerate(vectors(parts, int(final["dim"]), req.encoding_format))]
+    tokens = int(final.get("usage", {}).get("prompt_tokens", 0))
+    return JSONResponse({"object": "list", "data": data, "model": req.model,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+async def collect(call: Call) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
+    async for kind, data in call:
+        if kind == "final":
+            return parts, data
+        parts.append(data)
+    raise APIError(502, "the embedding daemon ended without a reply", "bad_gateway")
+
+
+def vectors(parts: list[dict[str, Any]], dim: int, encoding: str) -> list[Any]:
+    """The rows of the workers' float32 pieces, in input order."""
+    out: list[Any] = []
+    for part in sorted(parts, key=lambda p: int(p["index"])):
+        raw = part["vectors"]
+        step = dim * 4
+        for k in range(int(part["count"])):
+            row = raw[k * step:(k + 1) * step]
+            # OpenAI's base64 is the little-endian float32 array itself, as sent.
+            out.append(base64.b64encode(row).decode() if encoding == "base64" else array("f", row).tolist())
+    return out
