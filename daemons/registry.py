@@ -79,7 +79,7 @@ CORE = ("paths", "log", "bus")
 
 ROUTER = Daemon(
     name="router", module="daemons.router.main", summary="run the router daemon (API + bus broker)",
-    unit="onebox-router.service", sections=(*CORE, "router", "models", "embeddings"), service=None,
+    unit="onebox-router.service", sections=(*CORE, "router", "models", "embeddings", "ocr"), service=None,
     placement="router",
 )
 INFER = Daemon(
@@ -94,8 +94,14 @@ EMBED = Daemon(
     instances_of="embeddings",
 )
 
+OCR = Daemon(
+    name="ocr", module="daemons.ocr.main", summary="run the OCR daemon (tesseract, a pool of processes)",
+    unit="onebox-ocr.service", sections=(*CORE, "ocr"), service="ocr", placement="background",
+    enabled=lambda config: config.ocr.enabled,
+)
+
 # In start order: the router (the broker) first, stopped last.
-DAEMONS: tuple[Daemon, ...] = (ROUTER, INFER, EMBED)
+DAEMONS: tuple[Daemon, ...] = (ROUTER, INFER, EMBED, OCR)
 
 
 def by_name(name: str, daemons: Sequence[Daemon] = DAEMONS) -> Daemon:

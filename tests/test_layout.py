@@ -112,9 +112,13 @@ def test_every_unit_file_is_registered() -> None:
 def test_instances_follow_the_config() -> None:
     from daemons import config
 
-    cfg = config.parse({"models": {"a": {"path": "x.gguf"}, "b": {"path": "y.gguf"}}})
+    cfg = config.parse({"models": {"a": {"path": "x.gguf"}, "b": {"path": "y.gguf"}},
+                        "embeddings": {"e": {"path": "e.gguf"}}})
     labels = [i.label for i in registry.instances(cfg)]
-    assert labels == ["router", "infer@a", "infer@b"]
-    assert registry.expected_services(cfg) == ["infer/a", "infer/b"]
+    assert labels == ["router", "infer@a", "infer@b", "embed@e", "ocr"]
+    assert registry.expected_services(cfg) == ["infer/a", "infer/b", "embed/e", "ocr"]
     assert [i.unit for i in registry.instances(cfg)] == ["onebox-router.service", "onebox-infer@a.service",
-                                                        "onebox-infer@b.service"]
+                                                        "onebox-infer@b.service", "onebox-embed@e.service",
+                                                        "onebox-ocr.service"]
+    off = config.parse({"ocr": {"enabled": False}})
+    assert [i.label for i in registry.instances(off)] == ["router"]

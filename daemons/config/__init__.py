@@ -26,11 +26,12 @@ from typing import Any
 from daemons.config.core import BusConfig, LogConfig, PathsConfig
 from daemons.config.embeddings import EmbeddingConfig
 from daemons.config.models import ModelConfig
+from daemons.config.ocr import OcrConfig
 from daemons.config.router import RouterConfig
 from daemons.config.schema import ConfigError, build, is_section, render_section
 
 __all__ = ["BusConfig", "Config", "ConfigError", "DEFAULT_CONFIG", "EmbeddingConfig", "LogConfig", "ModelConfig",
-           "PathsConfig",
+           "OcrConfig", "PathsConfig",
            "RouterConfig", "SECTIONS", "load", "parse", "render_defaults"]
 
 DEFAULT_CONFIG = Path("/etc/onebox/onebox.toml")
@@ -49,6 +50,8 @@ class Config:
         "doc": "One table per embedding model, served by onebox-embed@NAME.service at POST /v1/embeddings;\n"
                'the key (here "minilm") is the model name clients send. Names are shared with [models]:\n'
                "each must be unique.", "example": "minilm"})
+    ocr: OcrConfig = field(default_factory=OcrConfig, metadata={
+        "doc": "OCR of scanned PDFs and images with tesseract (onebox-ocr.service)."})
     source: str = "<defaults>"
 
     def embedding(self, key: str) -> EmbeddingConfig:

@@ -17,22 +17,29 @@ M = TypeVar("M", bound=BaseModel)
 class BodyLimit:
     """Refuse bodies larger than the limit before a handler reads them. A declared
     Content-Length is checked at once; a body without one (chunked) is read here up to
-    the limit and handed on only if it fits."""
+    the limit and handed on only if it fits. Paths in `streamed` (uploads) have their own
+    limit and are never buffered here: their handler reads them as a stream, and the
+    stream fails with 413 once it passes the limit."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, streamed: dict[str, int] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.streamed = streamed or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.streamed.get(scope.get("path", ""), self.limit)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
-            if not length.isdigit() or int(length) > self.limit:
-                await self._refuse(scope, receive, send)
+            if not length.isdigit() or int(length) > limit:
+                await self._refuse(scope, receive, send, limit)
                 return
             await self.app(scope, receive, send)
+            return
+        if scope.get("path", "") in self.streamed:
+            await self.app(scope, _counting(receive, limit), send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -45,16 +52,32 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, send, self.limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         await self.app(scope, _replay(chunks, None, receive), send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        err = APIError(413, f"request body larger than {self.limit} bytes", "body_too_large")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        err = APIError(413, f"request body larger than {limit} bytes", "body_too_large")
         await errors.error_response(err)(scope, receive, send)
+
+
+def _counting(receive: Receive, limit: int) -> Receive:
+    """A receive() that fails with 413 once the body passes `limit` bytes."""
+    size = 0
+
+    async def counted() -> Message:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise APIError(413, f"request body larger than {limit} bytes", "body_too_large")
+        return message
+
+    return counted
 
 
 def _replay(chunks: list[bytes], last: Message | None, receive: Receive) -> Receive:
