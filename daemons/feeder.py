@@ -20,13 +20,17 @@ import os
 import threading
 import time
 from collections import deque
+import queue
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from daemons import cpu
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 HANG_FILE_ENV = "ONEBOX_TEST_HANG_FILE"
 FAIL_FILE_ENV = "ONEBOX_TEST_FAIL_FILE"
@@ -165,3 +169,44 @@ class Feeder:
                                    f"{type(exc).__name__}: {exc}")
                     log.critical("giving up: %s; exiting so that the daemon is restarted", self.failed)
                     return
+
+
+class Inbox(Generic[T]):
+    """What the bus's main thread hands an engine's feeder: new work and cancels, and a
+    wake-up for a feeder waiting on an empty turn."""
+
+    def __init__(self) -> None:
+        self._items: queue.SimpleQueue[T] = queue.SimpleQueue()
+        self._cancels: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+
+    def put(self, item: T) -> None:
+        self._items.put(item)
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancels.add(request_id)
+        self._wake.set()
+
+    def take_cancels(self) -> set[str]:
+        with self._lock:
+            cancels, self._cancels = self._cancels, set()
+        return cancels
+
+    def take(self) -> list[T]:
+        out: list[T] = []
+        while True:
+            try:
+                out.append(self._items.get_nowait())
+            except queue.Empty:
+                return out
+
+    def wait(self, timeout: float) -> None:
+        """Until something arrives (or stop() is asked), at most `timeout` seconds."""
+        self._wake.wait(timeout)
+        self._wake.clear()
+
+    def wake(self) -> None:
+        self._wake.set()

@@ -81,6 +81,31 @@ def forward_llama_logs() -> _LogForwarder:
     return _forwarder
 
 
+def context_params(n_ctx: int, n_batch: int, n_seq_max: int, threads: int) -> Any:
+    """llama_context_params both daemons start from: one micro-batch per decode
+    (n_ubatch = n_batch), one unified cell pool any sequence may fill, no perf counters."""
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = n_batch
+    params.n_ubatch = n_batch
+    params.n_seq_max = n_seq_max
+    params.kv_unified = True
+    params.n_threads = threads
+    params.n_threads_batch = threads
+    params.no_perf = True
+    return params
+
+
+def init_context(model: Any, params: Any, what: str) -> tuple[Any, int]:
+    """A llama_context and the bytes of compute/output buffers llama.cpp reserved for it
+    (read from its own log lines); LlamaError if it could not be made."""
+    with forward_llama_logs().capture() as lines:
+        ctx = llama_cpp.llama_init_from_model(model, params)
+    if not ctx:
+        raise LlamaError(f"llama_init_from_model failed ({what})")
+    return ctx, int(sum(float(m.group(1)) for m in map(BUFFER_MIB.search, lines) if m) * 2**20)
+
+
 def meta(model: Any, key: str) -> str | None:
     buf = ctypes.create_string_buffer(256)
     n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))

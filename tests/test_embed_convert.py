@@ -10,7 +10,6 @@ since it may need packages onebox does not install.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import zipfile
 from collections.abc import Iterator

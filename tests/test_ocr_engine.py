@@ -7,24 +7,19 @@ bundled font at about 300 dpi and read back; the encrypted PDF comes from qpdf.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pypdfium2 as pdfium
-import pypdfium2.raw as pdfium_c
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from daemons.bus.errors import RequestError
 from daemons.bus.worker import Request

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from daemons.bus.errors import RequestError
 from daemons.bus.worker import Emitter, Request
 from daemons.config import EmbeddingConfig
 from daemons.embed.native import POOLING, EmbedContext, EmbedModel
-from daemons.feeder import Feeder, TestHooks
+from daemons.feeder import Feeder, Inbox, TestHooks
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +86,7 @@ class EmbedEngine:
         # The longest input: what the model was trained on, and what one batch holds.
         self.limit = min(model.n_ctx_train or ctx.n_tokens, ctx.n_tokens)
         self.wait_s = ec.batch_wait_ms / 1000
-        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
-        self._cancels: set[str] = set()
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self.inbox: Inbox[Request] = Inbox()
         self.jobs: deque[Job] = deque()
         self.feeder = Feeder(self._turn, self._fail_all, cpus=ec.feeder_cpus, priority=ec.feeder_priority,
                              stall_s=stall_s, hooks=hooks)
@@ -104,13 +99,10 @@ class EmbedEngine:
     # -- Engine seam (main thread) ----------------------------------------------------
 
     def submit(self, req: Request) -> None:
-        self._inbox.put(req)
-        self._wake.set()
+        self.inbox.put(req)
 
     def cancel(self, request_id: str) -> None:
-        with self._lock:
-            self._cancels.add(request_id)
-        self._wake.set()
+        self.inbox.cancel(request_id)
 
     def alive(self) -> bool:
         return self.feeder.alive()
@@ -122,7 +114,7 @@ class EmbedEngine:
         self.feeder.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._wake.set()
+        self.inbox.wake()
         if self.feeder.stop(timeout):
             self.ctx.close()
 
@@ -154,8 +146,7 @@ class EmbedEngine:
         self._intake()
         self._expire()
         if not self.jobs:
-            self._wake.wait(0.2)
-            self._wake.clear()
+            self.inbox.wait(0.2)
             return
         if self.wait_s and self._unscheduled() < self.ec.batch_inputs:
             # Not a full batch yet: give inputs arriving together a moment to join it.
@@ -167,13 +158,8 @@ class EmbedEngine:
         return sum(len(j.inputs) - j.next for j in self.jobs)
 
     def _intake(self) -> None:
-        with self._lock:
-            cancels, self._cancels = self._cancels, set()
-        while True:
-            try:
-                req = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        cancels = self.inbox.take_cancels()
+        for req in self.inbox.take():
             if req.id in cancels:
                 continue
             try:

@@ -12,7 +12,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
-from daemons.llama import BUFFER_MIB, Batch, LlamaError, forward_llama_logs, meta
+from daemons.llama import Batch, LlamaError, context_params, init_context, meta
 
 log = logging.getLogger(__name__)
 
@@ -74,27 +74,15 @@ class EmbedContext:
     """Up to `n_seqs` inputs and `n_tokens` tokens per decode, pooled per sequence."""
 
     def __init__(self, model: EmbedModel, n_tokens: int, n_seqs: int, threads: int) -> None:
-        params = llama_cpp.llama_context_default_params()
+        # One micro-batch per decode matters here: n_ubatch below n_batch makes llama.cpp
+        # split a batch, and a non-causal model then fails an assertion (the process aborts).
+        # The unified pool lets one sequence use the whole context (a causal embedding
+        # model keeps KV cells).
+        params = context_params(n_tokens, n_tokens, n_seqs, threads)
         params.embeddings = True
-        params.n_ctx = n_tokens
-        # n_ubatch below n_batch makes llama.cpp split a batch, and a non-causal model then
-        # fails an assertion (the process aborts): one micro-batch per decode.
-        params.n_batch = n_tokens
-        params.n_ubatch = n_tokens
-        params.n_seq_max = n_seqs
-        # Any one sequence may use the whole context (a causal embedding model keeps KV
-        # cells; split per sequence, a long input would not fit).
-        params.kv_unified = True
-        params.n_threads = threads
-        params.n_threads_batch = threads
-        params.no_perf = True
-        with forward_llama_logs().capture() as lines:
-            ctx = llama_cpp.llama_init_from_model(model.lm.model, params)
-        if not ctx:
-            raise LlamaError(f"llama_init_from_model failed ({n_tokens} tokens, {n_seqs} sequences)")
+        ctx, self.compute_bytes = init_context(model.lm.model, params, f"{n_tokens} tokens, {n_seqs} sequences")
         self.ctx = ctx
         self.model = model
-        self.compute_bytes = int(sum(float(m.group(1)) for m in map(BUFFER_MIB.search, lines) if m) * 2**20)
         self.n_tokens = int(llama_cpp.llama_n_batch(ctx))
         self.n_seqs = int(llama_cpp.llama_n_seq_max(ctx))
         if self.n_tokens < n_tokens or self.n_seqs < n_seqs:

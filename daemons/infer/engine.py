@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import random
-import threading
 import time
 from collections import OrderedDict, deque
 from typing import Any
@@ -30,7 +28,7 @@ import llama_cpp
 from daemons.bus.errors import RequestError
 from daemons.bus.worker import Emitter, Request
 from daemons.config import ModelConfig
-from daemons.feeder import Feeder, TestHooks
+from daemons.feeder import Feeder, Inbox, TestHooks
 from daemons.infer import request as request_mod
 from daemons.infer.model import Model
 from daemons.infer.native import Context, KvFull, LlamaError, Pieces, Sampler
@@ -59,10 +57,7 @@ class BatchEngine:
         self.kv_cells = ctx.n_cells
         self.step_tokens = min(mc.step_tokens, ctx.n_batch)
         self.cache_on = mc.cached_prefixes > 0
-        self._inbox: queue.SimpleQueue[tuple[Request, request_mod.GenRequest]] = queue.SimpleQueue()
-        self._cancels: set[str] = set()
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self.inbox: Inbox[tuple[Request, request_mod.GenRequest]] = Inbox()
         self.feeder = Feeder(self._turn, self._fail_all, cpus=mc.feeder_cpus, priority=mc.feeder_priority,
                              stall_s=stall_s, hooks=hooks)
         self.waiting: deque[Pending] = deque()
@@ -89,13 +84,10 @@ class BatchEngine:
 
     def submit(self, req: Request) -> None:
         gen = request_mod.parse(req.body)
-        self._inbox.put((req, gen))
-        self._wake.set()
+        self.inbox.put((req, gen))
 
     def cancel(self, request_id: str) -> None:
-        with self._lock:
-            self._cancels.add(request_id)
-        self._wake.set()
+        self.inbox.cancel(request_id)
 
     def alive(self) -> bool:
         return self.feeder.alive()
@@ -112,7 +104,7 @@ class BatchEngine:
         self.feeder.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._wake.set()
+        self.inbox.wake()
         if self.feeder.stop(timeout):
             for s in list(self.active.values()):
                 s.sampler.close()
@@ -146,15 +138,14 @@ class BatchEngine:
     def _turn(self) -> None:
         # Cancels are taken before the inbox is read: the main thread submits a request
         # before it can cancel it, so every cancel taken here finds its request.
-        cancels = self._pop_cancels()
+        cancels = self.inbox.take_cancels()
         self._intake()
         self._apply_cancels(cancels)
         self._expire()
         self._admit()
         if not self.active:
             self._refresh_snapshot()
-            self._wake.wait(0.2)
-            self._wake.clear()
+            self.inbox.wait(0.2)
             return
         began = time.monotonic()
         self._step()
@@ -164,22 +155,13 @@ class BatchEngine:
     # -- intake, cancel, deadlines ----------------------------------------------------
 
     def _intake(self) -> None:
-        while True:
-            try:
-                req, gen = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for req, gen in self.inbox.take():
             try:
                 prompt, max_new = self.model.prepare(gen, self.mc.default_max_tokens)
             except RequestError as exc:
                 self.emit.error(req.id, exc.code, exc.message)
                 continue
             self.waiting.append(Pending(req, gen, prompt, max_new))
-
-    def _pop_cancels(self) -> set[str]:
-        with self._lock:
-            cancels, self._cancels = self._cancels, set()
-        return cancels
 
     def _apply_cancels(self, cancels: set[str]) -> None:
         for rid in cancels:

