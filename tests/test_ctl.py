@@ -217,6 +217,12 @@ def test_journal_priorities_and_watchdog_follow_progress(fresh_dir: Path) -> Non
         suite.stop()
 
 
+def default_instances() -> list[object]:
+    from daemons import config, registry
+
+    return list(registry.instances(config.load(ROOT / "etc/onebox/onebox.toml", {})))
+
+
 def child_pids(out: str) -> list[int]:
     return [int(m) for m in re.findall(r"ready \(pid (\d+)\)", out)]
 
@@ -250,7 +256,7 @@ def test_up_piped_to_tee_stops_its_daemons_on_ctrl_c(fresh_dir: Path) -> None:
             assert time.monotonic() < deadline and shell.poll() is None, log.read_text() if log.exists() else ""
             time.sleep(0.2)
         pids = child_pids(log.read_text())
-        assert len(pids) == 3  # router, infer@smollm2, embed@minilm
+        assert len(pids) == len(default_instances())  # router, infer@smollm2, embed@minilm, ocr
         # Ctrl-C in a terminal: SIGINT to the whole foreground process group, tee included.
         os.killpg(shell.pid, signal.SIGINT)
         assert wait_gone(pids, 30), "daemons left running after Ctrl-C on a piped onebox up"
@@ -268,7 +274,7 @@ def test_daemons_die_with_a_killed_launcher(fresh_dir: Path) -> None:
     try:
         out = read_until(proc, "Ctrl-C stops everything", 90)
         pids = child_pids(out)
-        assert len(pids) == 3  # router, infer@smollm2, embed@minilm
+        assert len(pids) == len(default_instances())  # router, infer@smollm2, embed@minilm, ocr
         proc.kill()
         proc.wait(10)
         assert wait_gone(pids, 30), "daemons outlived a killed launcher"
