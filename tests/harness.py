@@ -38,6 +38,9 @@ def write_config(directory: Path, extra: str = "", model: dict[str, Any] | None 
     for key, value in fields.items():
         lines.append(f"{key} = {value!r}".replace("'", '"') if isinstance(value, str)
                      else f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+    if "[ocr]" not in extra:
+        # Enabled by default, and then /ready waits for it: tests that use OCR say [ocr].
+        extra += "\n[ocr]\nenabled = false\n"
     path = directory / "onebox.toml"
     path.write_text("\n".join(lines) + "\n" + extra)
     return path

@@ -128,7 +128,8 @@ class Onebox(Server):
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         model = {"path": MODEL, "n_ctx": N_CTX, "threads": threads, "default_max_tokens": MAX_TOKENS, **extra}
         lines = ["[paths]", f'runtime_dir = "{directory}/run"', f'state_dir = "{directory}/state"',
-                 "[log]", 'level = "info"', "[router]", f'tcp = "127.0.0.1:{self.port}"', f"[models.{NAME}]"]
+                 "[log]", 'level = "info"', "[router]", f'tcp = "127.0.0.1:{self.port}"',
+                 "[ocr]", "enabled = false", f"[models.{NAME}]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in model.items()]
         cfg = directory / "onebox.toml"
         cfg.write_text("\n".join(lines) + "\n")
