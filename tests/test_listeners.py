@@ -35,3 +35,34 @@ def test_socket_modes_and_tcp(fresh_dir: Path) -> None:
         assert not (fresh_dir / "run" / "api.sock").exists(), "api.sock left behind after a clean stop"
     finally:
         suite.stop()
+
+
+def test_tcp_listener_is_tcp_so_replies_are_not_delayed() -> None:
+    """asyncio turns Nagle off (TCP_NODELAY) on accepted connections only when the
+    listener was made with IPPROTO_TCP; with proto 0 each small reply waited ~40 ms."""
+    import asyncio
+
+    from daemons.router.main import tcp_listener
+
+    sock = tcp_listener("127.0.0.1", free_port())
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+
+        async def accepted_nodelay() -> int:
+            result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+            def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                raw = writer.get_extra_info("socket")
+                result.set_result(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                writer.close()
+
+            server = await asyncio.start_server(connected, sock=sock)
+            _, w = await asyncio.open_connection(*sock.getsockname())
+            value = await asyncio.wait_for(result, 5)
+            w.close()
+            server.close()
+            return value
+
+        assert asyncio.run(accepted_nodelay()) == 1
+    finally:
+        sock.close()

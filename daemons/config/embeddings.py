@@ -25,7 +25,8 @@ class EmbeddingConfig:
               "context length if smaller).", ge=64, le=65536)
     batch_inputs: int = setting(64, "Inputs (sequences) in one batch.", ge=1, le=256)
     batch_wait_ms: float = setting(
-        2.0, "How long a batch that is not full waits for more inputs to arrive before it runs.", ge=0, le=1000)
+        2.0, "How long a batch that is not full waits for more inputs to arrive before it runs, while\n"
+             "requests are arriving close together (a lone request never waits).", ge=0, le=1000)
     truncate: bool = setting(
         False, "An input longer than the model's context: false refuses the request with a 400 naming\n"
                "the input and its length; true cuts it to fit. A request may choose with\n"

@@ -88,6 +88,8 @@ class EmbedEngine:
         self.wait_s = ec.batch_wait_ms / 1000
         self.inbox: Inbox[Request] = Inbox()
         self.jobs: deque[Job] = deque()
+        # When the last two requests came (whether a burst is arriving).
+        self._arrivals: deque[float] = deque([-1e9, -1e9], maxlen=2)
         self.feeder = Feeder(self._turn, self._fail_all, cpus=ec.feeder_cpus, priority=ec.feeder_priority,
                              stall_s=stall_s, hooks=hooks)
         self.served = 0
@@ -148,11 +150,15 @@ class EmbedEngine:
         if not self.jobs:
             self.inbox.wait(0.2)
             return
-        if self.wait_s and self._unscheduled() < self.ec.batch_inputs:
-            # Not a full batch yet: give inputs arriving together a moment to join it.
+        if self.wait_s and self._unscheduled() < self.ec.batch_inputs and self._burst():
+            # Not a full batch, and requests are coming close together: give the next
+            # ones a moment to join it. A lone client's request runs at once.
             time.sleep(self.wait_s)
             self._intake()
         self._step()
+
+    def _burst(self) -> bool:
+        return self._arrivals[-1] - self._arrivals[0] <= 2 * self.wait_s
 
     def _unscheduled(self) -> int:
         return sum(len(j.inputs) - j.next for j in self.jobs)
@@ -168,6 +174,7 @@ class EmbedEngine:
                 self.emit.error(req.id, exc.code, exc.message)
                 continue
             self.jobs.append(Job(req, inputs, tokens))
+            self._arrivals.append(time.monotonic())
         if cancels:
             for job in [j for j in self.jobs if j.req.id in cancels]:
                 self.jobs.remove(job)
