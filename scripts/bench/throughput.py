@@ -454,7 +454,7 @@ def main() -> int:
 
     mc = ModelConfig(path=MODEL, n_ctx=N_CTX, threads=args.threads, **{k: v for k, v in extra.items()
                                                                        if k in ModelConfig.__dataclass_fields__})
-    model = Model.load(model_path, mc)
+    model = Model.load(model_path, mc, "batch")
     a16 = [[{"role": "user", "content": f"Write a short paragraph about {TOPICS[i]}."}] for i in range(16)]
     toks = [model.prompt_tokens(parse({"kind": "chat", "messages": m})) for m in a16]
     bare = bare_decode(model_path, args.threads, toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens, mc.flash_attn,
