@@ -39,6 +39,8 @@ MAX_FAILURES = 5
 HARD_STALL_S = 120.0
 # Below this share of one CPU, a thread inside a long turn is waiting, not working.
 MIN_CPU_SHARE = 0.01
+# The thread's CPU clock is read at most this often (alive() runs on every main-loop turn).
+CPU_SAMPLE_S = 0.25
 
 
 class TestFault(RuntimeError):
@@ -91,6 +93,7 @@ class Feeder:
         self.beat = time.monotonic()
         self._allow = 0.0
         self._cpu_samples: deque[tuple[float, float]] = deque()
+        self._computing = True
         self.failures = 0
         # Why the feeder gave up, once it has.
         self.failed: str | None = None
@@ -132,20 +135,22 @@ class Feeder:
         return age < HARD_STALL_S and computing
 
     def _using_cpu(self, now: float) -> bool:
-        """Whether the feeder thread used CPU over about the last `stall_s` (each call
-        adds a sample; the caller, the daemon's main loop, calls a few times a second)."""
+        """Whether the feeder thread used CPU over about the last `stall_s`, from samples
+        of its CPU clock taken every CPU_SAMPLE_S by the callers of alive()."""
+        samples = self._cpu_samples
+        if samples and now - samples[-1][0] < CPU_SAMPLE_S:
+            return self._computing
         try:
             cpu = time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident or 0))
         except (OSError, ValueError):
             return False
-        samples = self._cpu_samples
         samples.append((now, cpu))
         while len(samples) > 2 and now - samples[1][0] >= self.stall_s:
             samples.popleft()
         then, cpu_then = samples[0]
-        if now - then < self.stall_s / 2:
-            return True  # too soon to tell
-        return (cpu - cpu_then) / (now - then) >= MIN_CPU_SHARE
+        # Too soon to tell counts as computing.
+        self._computing = now - then < self.stall_s / 2 or (cpu - cpu_then) / (now - then) >= MIN_CPU_SHARE
+        return self._computing
 
     def _run(self) -> None:
         cpu.pin_current_thread(self.cpus)

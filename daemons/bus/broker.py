@@ -53,12 +53,6 @@ class WorkerInfo:
     def describe(self) -> str:
         return f"{self.service} worker pid {self.pid}"
 
-    def quiet(self, now: float, liveness: int) -> bool:
-        """Not heard from for over one and a half heartbeats: maybe dead (killed, and its
-        restarted self already registered), not yet expired. Sent work only if no other can take it."""
-        heard = self.expiry - self.heartbeat_s * liveness
-        return now - heard > 1.5 * self.heartbeat_s
-
 
 @dataclass
 class ClientInfo:
@@ -149,12 +143,12 @@ class Broker:
     async def stop(self) -> None:
         for identity in list(self.workers):
             await self._send(identity, p.DISCONNECT, {"reason": "broker stopping"})
+        tasks = list(self._tasks)
         for client in list(self.clients.values()):
             for call_id, task in list(client.calls.items()):
-                task.cancel()
+                tasks.append(task)
                 await self._send_client(client.identity, p.ERROR, {
                     "id": call_id, "code": 503, "message": "the router is shutting down"})
-        tasks = self._tasks + [t for c in self.clients.values() for t in c.calls.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -206,9 +200,7 @@ class Broker:
                     continue
                 free = [w for w in workers if len(w.inflight) < w.capacity]
                 if free:
-                    now = time.monotonic()
-                    worker = min(free, key=lambda w: (w.quiet(now, self.bus.heartbeat_liveness),
-                                                      len(w.inflight) / w.capacity, -w.expiry))
+                    worker = min(free, key=lambda w: len(w.inflight) / w.capacity)
                     break
                 remaining = deadline - time.time()
                 if remaining <= 0:

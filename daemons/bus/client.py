@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import threading
 import time
@@ -31,6 +30,7 @@ import zmq.asyncio
 
 from daemons.bus import protocol as p
 from daemons.bus.droplog import DropLog
+from daemons.bus.handoff import Handoff
 from daemons.bus.errors import BusError, DeadlineExceeded, WorkerLost, from_wire
 from daemons.config import BusConfig
 
@@ -69,35 +69,52 @@ def _deadline(timeout: float | None, deadline: float | None) -> float:
     return time.time() + timeout
 
 
-# -- threads -------------------------------------------------------------------------------
+class _Call:
+    """What both flavours of call keep, and how they read one reply."""
 
-class ClientCall:
-    """One call from a `BusClient`; iterate it from one thread."""
-
-    def __init__(self, client: BusClient, call_id: str, service: str, deadline: float) -> None:
+    def __init__(self, call_id: str, service: str, deadline: float) -> None:
         self.id = call_id
         self.service = service
         self.deadline = deadline
         self.done = False
+
+    def _remaining(self) -> float:
+        return self.deadline - time.time()
+
+    def _late(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"call {self.id} to {self.service} passed its deadline")
+
+    def _accept(self, item: Item) -> tuple[str, dict[str, Any]]:
+        """A reply as ("partial" | "final", data); an error is raised. Either may end the call."""
+        if isinstance(item, BusError):
+            self.done = True
+            raise item
+        if item[0] == "final":
+            self.done = True
+        return item
+
+
+# -- threads -------------------------------------------------------------------------------
+
+class ClientCall(_Call):
+    """One call from a `BusClient`; iterate it from one thread."""
+
+    def __init__(self, client: BusClient, call_id: str, service: str, deadline: float) -> None:
+        super().__init__(call_id, service, deadline)
         self._client = client
         self.queue: queue.SimpleQueue[Item] = queue.SimpleQueue()
 
     def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             while not self.done:
-                remaining = self.deadline - time.time()
+                remaining = self._remaining()
                 try:
                     if remaining <= 0:
                         raise queue.Empty
                     item = self.queue.get(timeout=remaining)
                 except queue.Empty:
-                    raise DeadlineExceeded(f"call {self.id} to {self.service} passed its deadline") from None
-                if isinstance(item, BusError):
-                    self.done = True
-                    raise item
-                if item[0] == "final":
-                    self.done = True
-                yield item
+                    raise self._late() from None
+                yield self._accept(item)
         finally:
             self.cancel()
 
@@ -108,7 +125,7 @@ class ClientCall:
             if kind == "final":
                 return parts, data
             parts.append(data)
-        raise BusError(f"call {self.id} ended without a reply")  # pragma: no cover - iteration ends on final
+        raise BusError(f"call {self.id} ended without a reply")  # iteration ends on FINAL or raises
 
     def cancel(self) -> None:
         """Stop the call if it has not finished (no effect after the FINAL)."""
@@ -125,8 +142,7 @@ class BusClient:
         self._ctx = ctx or zmq.Context.instance()
         self._calls: dict[str, ClientCall] = {}
         self._lock = threading.Lock()
-        self._outbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._outbox: Handoff[list[bytes]] = Handoff()
         self._stop = threading.Event()
         self._drops = DropLog(log, "bus message")
         self._thread = threading.Thread(target=self._io, name="bus-client", daemon=True)
@@ -153,10 +169,9 @@ class BusClient:
         for call in calls:
             call.cancel()
         self._stop.set()
-        self._wake()
+        self._outbox.wake()
         self._thread.join(5)
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
+        self._outbox.close()
 
     def __enter__(self) -> BusClient:
         return self
@@ -176,13 +191,6 @@ class BusClient:
 
     def _send(self, frames: list[bytes]) -> None:
         self._outbox.put(frames)
-        self._wake()
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass
 
     def _fail_all(self, error: BusError) -> None:
         with self._lock:
@@ -194,7 +202,7 @@ class BusClient:
         sock = _socket(self._ctx, self.endpoint, self.bus)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._outbox.fd, zmq.POLLIN)
         interval = self.bus.heartbeat_interval_s
         silence = p.client_silence_s(interval, self.bus.heartbeat_liveness)
         heard = time.monotonic()
@@ -202,17 +210,9 @@ class BusClient:
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(int(interval * 1000 / 2)))
-                if self._wake_r in events:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                while True:
-                    try:
-                        sock.send_multipart(self._outbox.get_nowait())
-                    except queue.Empty:
-                        break
+                if self._outbox.fd in events:
+                    for frames in self._outbox.take():
+                        sock.send_multipart(frames)
                 if sock in events:
                     heard = self._receive(sock)
                 now = time.monotonic()
@@ -255,33 +255,25 @@ class BusClient:
 
 # -- asyncio -------------------------------------------------------------------------------
 
-class AsyncClientCall:
+class AsyncClientCall(_Call):
     """One call from an `AsyncBusClient`; `async for` it."""
 
     def __init__(self, client: AsyncBusClient, call_id: str, service: str, deadline: float) -> None:
-        self.id = call_id
-        self.service = service
-        self.deadline = deadline
-        self.done = False
+        super().__init__(call_id, service, deadline)
         self._client = client
         self.queue: asyncio.Queue[Item] = asyncio.Queue()
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         try:
             while not self.done:
-                remaining = self.deadline - time.time()
+                remaining = self._remaining()
                 try:
                     if remaining <= 0:
                         raise TimeoutError
                     item = await asyncio.wait_for(self.queue.get(), remaining)
                 except TimeoutError:
-                    raise DeadlineExceeded(f"call {self.id} to {self.service} passed its deadline") from None
-                if isinstance(item, BusError):
-                    self.done = True
-                    raise item
-                if item[0] == "final":
-                    self.done = True
-                yield item
+                    raise self._late() from None
+                yield self._accept(item)
         finally:
             await self.cancel()
 
@@ -291,7 +283,7 @@ class AsyncClientCall:
             if kind == "final":
                 return parts, data
             parts.append(data)
-        raise BusError(f"call {self.id} ended without a reply")  # pragma: no cover
+        raise BusError(f"call {self.id} ended without a reply")  # iteration ends on FINAL or raises
 
     async def cancel(self) -> None:
         if not self.done:

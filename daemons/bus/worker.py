@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import zmq
 
 from daemons.bus import protocol as p
 from daemons.bus.droplog import DropLog
+from daemons.bus.handoff import Handoff
 from daemons.bus.errors import RequestError
 from daemons.config import BusConfig
 
@@ -54,28 +54,19 @@ class Request:
 
 
 class Emitter:
-    """Thread-safe way for an engine to send PARTIAL/FINAL/ERROR for its requests."""
+    """Thread-safe way for an engine to send PARTIAL/FINAL/ERROR for its requests: each
+    reply is encoded in the caller's thread and handed to the worker's main thread."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[bytes, str, list[bytes]]] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._signalled = False
-        self._closed = False
+        self._out: Handoff[tuple[bytes, str, list[bytes]]] = Handoff()
 
     @property
     def fd(self) -> int:
         """Readable when replies are waiting (for the main thread's poller)."""
-        return self._wake_r
+        return self._out.fd
 
     def _put(self, command: bytes, request_id: str, header: dict[str, Any]) -> None:
-        self._queue.put((command, request_id, p.encode(command, header)))
-        # One wake-up byte per batch of replies, not one per token.
-        if not self._signalled and not self._closed:
-            self._signalled = True
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass  # the pipe is full of wake-ups already
+        self._out.put((command, request_id, p.encode(command, header)))
 
     def partial(self, request_id: str, data: dict[str, Any]) -> None:
         self._put(p.PARTIAL, request_id, {"id": request_id, "data": data})
@@ -88,27 +79,10 @@ class Emitter:
 
     def take(self) -> list[tuple[bytes, str, list[bytes]]]:
         """Everything queued so far (main thread)."""
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        self._signalled = False
-        out = []
-        while True:
-            try:
-                out.append(self._queue.get_nowait())
-            except queue.Empty:
-                return out
+        return self._out.take()
 
     def close(self) -> None:
-        # An engine thread that outlived the stop (hung) must not write to a reused fd.
-        self._closed = True
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._out.close()
 
 
 class Handler(Protocol):
@@ -136,8 +110,6 @@ class Worker:
         capacity: int,
         bus: BusConfig,
         meta: dict[str, Any] | None = None,
-        backlog_limit: int = BACKLOG_LIMIT,
-        sndhwm: int = 1000,
     ) -> None:
         self.ctx = ctx
         self.endpoint = endpoint
@@ -145,8 +117,6 @@ class Worker:
         self.capacity = capacity
         self.bus = bus
         self.meta = meta or {}
-        self.backlog_limit = backlog_limit
-        self.sndhwm = sndhwm
         self.active: set[str] = set()
         self.emitter = Emitter()
         self._sock: zmq.Socket[bytes] | None = None
@@ -170,7 +140,6 @@ class Worker:
             self._sock.close(linger=0)
         sock = self.ctx.socket(zmq.DEALER)
         sock.linger = 0
-        sock.sndhwm = self.sndhwm
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         sock.setsockopt(zmq.MAXMSGSIZE, self.bus.max_message_bytes)
@@ -217,7 +186,7 @@ class Worker:
                 continue  # failed already for a reply that could not be sent
             if command in (p.FINAL, p.ERROR):
                 self.active.discard(request_id)
-            if command != p.ERROR and len(self._backlog) >= self.backlog_limit:
+            if command != p.ERROR and len(self._backlog) >= BACKLOG_LIMIT:
                 self._fail_unsendable(handler, request_id)
                 continue
             self._backlog.append(frames)
