@@ -4,7 +4,8 @@ supplies only `load()` — what it serves and the engine that serves it.
 run(): parse the arguments; load the config, checking the sections the daemon reads
 (exit 78); configure logging; record signals; call `load()` (which may take long: it
 can ask systemd for more time with `Loading.extend()`); build the engine on the bus
-worker's emitter and start it; READY=1; then serve on the bus — the watchdog and the
+worker's emitter and start it; serve on the bus, saying READY=1 once the broker has
+acknowledged the registration (or after one heartbeat with no broker) — the watchdog and the
 bus heartbeats fed only while the engine is alive, a STATUS= line every few seconds —
 until SIGTERM/SIGINT (drain for the daemon's own shutdown timeout, a second signal
 escalates) or until the engine gives up (exit 70, so systemd restarts it). STOPPING=1,
@@ -91,10 +92,6 @@ class Loading:
     def extend(self, seconds: float, status: str) -> None:
         """A slow step is starting (loading a model): keep systemd's start timeout away."""
         self.notifier.extend_timeout(seconds, status)
-
-    @property
-    def interrupted(self) -> bool:
-        return bool(self.signals.count)
 
 
 Load = Callable[[Loading], Served]

@@ -21,7 +21,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from daemons.config.core import BusConfig, LogConfig, PathsConfig
 from daemons.config.embeddings import EmbeddingConfig
@@ -35,6 +35,7 @@ __all__ = ["BusConfig", "Config", "ConfigError", "DEFAULT_CONFIG", "EmbeddingCon
            "RouterConfig", "SECTIONS", "load", "parse", "render_defaults"]
 
 DEFAULT_CONFIG = Path("/etc/onebox/onebox.toml")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,18 +56,17 @@ class Config:
     source: str = "<defaults>"
 
     def embedding(self, key: str) -> EmbeddingConfig:
-        try:
-            return self.embeddings[key]
-        except KeyError:
-            known = ", ".join(sorted(self.embeddings)) or "none"
-            raise ConfigError(f"{self.source}: no [embeddings.{key}] (configured: {known})") from None
+        return self._named(self.embeddings, "embeddings", key)
 
     def model(self, key: str) -> ModelConfig:
+        return self._named(self.models, "models", key)
+
+    def _named(self, tables: dict[str, T], section: str, key: str) -> T:
         try:
-            return self.models[key]
+            return tables[key]
         except KeyError:
-            known = ", ".join(sorted(self.models)) or "none"
-            raise ConfigError(f"{self.source}: no [models.{key}] (configured: {known})") from None
+            known = ", ".join(sorted(tables)) or "none"
+            raise ConfigError(f"{self.source}: no [{section}.{key}] (configured: {known})") from None
 
 
 @dataclass(frozen=True)

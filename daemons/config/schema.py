@@ -48,16 +48,13 @@ class Rule:
     check: Check | None = None
     # Shown in the documented defaults instead of the default (e.g. a required path).
     example: Any = _MISSING
-    # Left out of the documented defaults (still parsed and checked).
-    hidden: bool = False
 
 
 def setting(default: Any, doc: str, *, ge: float | None = None, le: float | None = None,
-            gt: float | None = None, check: Check | None = None, example: Any = _MISSING,
-            hidden: bool = False) -> Any:
+            gt: float | None = None, check: Check | None = None, example: Any = _MISSING) -> Any:
     """A config field: its default, what it is for (written into the default config),
     and the constraints the parser enforces."""
-    rule = Rule(doc=doc, ge=ge, le=le, gt=gt, check=check, example=example, hidden=hidden)
+    rule = Rule(doc=doc, ge=ge, le=le, gt=gt, check=check, example=example)
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for array defaults (sections are frozen)")
     return dataclasses.field(default=default, metadata={"rule": rule})
@@ -198,7 +195,7 @@ def render_section(cls: type, table: str, doc: str) -> list[str]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         rule = rule_of(f)
-        if rule.hidden or not f.init:
+        if not f.init:
             continue
         if is_section(hints[f.name]):
             nested.append((f.name, hints[f.name], rule.doc))

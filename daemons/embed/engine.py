@@ -187,27 +187,30 @@ class EmbedEngine:
             self.emit.error(job.req.id, 504, f"deadline passed after {job.done} of {len(job.inputs)} inputs")
 
     def _plan(self) -> list[tuple[Job, int]]:
-        """This step's inputs: one from each request in turn until the batch is full."""
-        plan: list[tuple[Job, int]] = []
-        tokens = 0
+        """This step's inputs, chosen one from each request in turn until the batch is
+        full, and listed request by request (one PARTIAL per request per step)."""
+        jobs = list(self.jobs)
+        taken = [0] * len(jobs)
+        count = tokens = 0
         added = True
-        while added and len(plan) < self.ec.batch_inputs:
+        while added and count < self.ec.batch_inputs:
             added = False
-            for job in self.jobs:
-                if job.next >= len(job.inputs) or len(plan) >= self.ec.batch_inputs:
+            for k, job in enumerate(jobs):
+                index = job.next + taken[k]
+                if index >= len(job.inputs) or count >= self.ec.batch_inputs:
                     continue
-                size = len(job.inputs[job.next])
+                size = len(job.inputs[index])
                 if tokens + size > self.ctx.n_tokens:
                     continue
-                plan.append((job, job.next))
-                job.next += 1
+                taken[k] += 1
+                count += 1
                 tokens += size
                 added = True
+        plan = [(job, job.next + i) for k, job in enumerate(jobs) for i in range(taken[k])]
+        for k, job in enumerate(jobs):
+            job.next += taken[k]
         # The next step starts from the request after the first one served here.
         self.jobs.rotate(-1)
-        # Each request's inputs together, in order: one PARTIAL per request per step.
-        order = {id(job): n for n, (job, _) in reversed(list(enumerate(plan)))}
-        plan.sort(key=lambda e: (order[id(e[0])], e[1]))
         return plan
 
     def _step(self) -> None:
@@ -231,8 +234,6 @@ class EmbedEngine:
             row = end
 
     def _send(self, job: Job, first: int, rows: np.ndarray) -> None:
-        if job not in self.jobs:
-            return  # cancelled or expired while this batch ran
         self.emit.partial(job.req.id, {"index": first, "count": len(rows), "dim": self.model.dim,
                                        "vectors": rows.astype("<f4", copy=False).tobytes()})
         job.done += len(rows)

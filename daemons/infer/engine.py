@@ -346,7 +346,7 @@ class BatchEngine:
                 continue
             token = s.sampler.sample(self.ctx, idx)
             produced += 1
-            self._on_token(s, token, now)
+            self._on_token(s, token)
         self._rate.append((now, produced))
 
     def _forget_stale(self) -> None:
@@ -431,7 +431,7 @@ class BatchEngine:
 
     # -- output ---------------------------------------------------------------------
 
-    def _on_token(self, s: Seq, token: int, now: float) -> None:
+    def _on_token(self, s: Seq, token: int) -> None:
         if self.model.is_eog(token):
             s.reply.first_token()
             self._finish(s, "stop")

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import logging
+
+from fastapi import FastAPI, Request, Response
 
 from daemons import __version__
 from daemons.bus.broker import Broker
+from daemons.bus.errors import BusError
 from daemons.config import Config
 from daemons.router import errors
 from daemons.router.body import BodyLimit
+from daemons.router.calls import ClientGone
 from daemons.router.routes import completions, embeddings, health, models, ocr
 from daemons.router.state import RouterState
+
+log = logging.getLogger(__name__)
 
 AREAS = (health, models, completions, embeddings, ocr)
 
@@ -19,6 +25,18 @@ def create_app(config: Config, broker: Broker) -> FastAPI:
     app = FastAPI(title="onebox", version=__version__, docs_url=None, redoc_url=None)
     app.state.onebox = RouterState(config, broker)
     errors.install(app)
+
+    @app.exception_handler(BusError)
+    async def _bus(request: Request, exc: BusError) -> Response:
+        # Before any response started: the worker's or broker's answer as an HTTP status.
+        return errors.error_response(errors.from_bus(exc, config.router.retry_after_s))
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> Response:
+        log.info("%s %s: the client went away before the reply; its call was cancelled", request.method,
+                 request.url.path)
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
     # Uploads for OCR may be as large as the OCR daemon reads (plus multipart framing).
     app.add_middleware(BodyLimit, limit=config.router.max_body_bytes,
                        streamed={"/v1/ocr": config.ocr.max_file_bytes + 64 * 1024})

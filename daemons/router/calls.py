@@ -3,7 +3,8 @@
 Nothing cancels a handler when its client goes away (only a streaming response
 listens for that, once it runs), so every stage — waiting for a worker, queued in the
 engine, generating a reply that is not streamed — watches the connection and gives
-its place up at once.
+its place up at once. A handler lets BusError and ClientGone propagate: the app turns
+them into the OpenAI error (daemons/router/app.py) or a 499 nobody reads.
 """
 
 from __future__ import annotations
@@ -11,13 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fastapi import Request
 
-from daemons.bus.broker import Call
-from daemons.bus.errors import BusError
-from daemons.router import errors
 from daemons.router.errors import APIError
 from daemons.router.state import RouterState
 
@@ -35,13 +33,6 @@ def require_worker(state: RouterState, service: str, what: str) -> None:
     if not state.broker.live(service):
         raise APIError(503, f"{what} has no live worker (starting, restarting or stopped)", "no_worker",
                        headers=state.retry_after)
-
-
-async def open_call(state: RouterState, service: str, body: dict[str, Any], deadline: float) -> Call:
-    try:
-        return await state.broker.call(service, body, deadline)
-    except BusError as exc:
-        raise errors.from_bus(exc, state.config.router.retry_after_s) from None
 
 
 async def unless_gone(aw: Awaitable[T], gone: asyncio.Future[None]) -> T:

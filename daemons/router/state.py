@@ -37,7 +37,6 @@ class Caller:
     """Who is calling and until when. Today every caller who can reach the socket is
     trusted the same; identity (API keys, SO_PEERCRED) and admission join here."""
 
-    transport: str  # "unix" | "tcp"
     deadline: float  # unix time
 
 
@@ -58,5 +57,4 @@ def deadline_for(request: Request, state: RouterState) -> float:
 def caller(request: Request) -> Caller:
     """The dependency every API route that does work takes."""
     state = get_state(request)
-    transport = "tcp" if request.scope.get("client") else "unix"
-    return Caller(transport=transport, deadline=deadline_for(request, state))
+    return Caller(deadline=deadline_for(request, state))

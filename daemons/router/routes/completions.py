@@ -13,7 +13,7 @@ from daemons.bus.broker import Call
 from daemons.bus.errors import BusError
 from daemons.router import errors
 from daemons.router.body import parse_body
-from daemons.router.calls import ClientGone, open_call, require_worker, unless_gone, watch
+from daemons.router.calls import require_worker, unless_gone, watch
 from daemons.router.errors import APIError
 from daemons.router.routes.models import infer_service
 from daemons.router.schemas import ChatRequest, CompletionRequest, Sampling
@@ -55,7 +55,7 @@ async def generate(state: RouterState, req: Sampling, body: dict[str, Any], requ
     call: Call | None = None
     streaming = False
     try:
-        call = await unless_gone(open_call(state, service, body, who.deadline), gone)
+        call = await unless_gone(state.broker.call(service, body, who.deadline), gone)
         shape = Shape(req.model, call.id, chat)
         replies = aiter(call)
         # The first reply comes before any response, so that a refusal (prompt too
@@ -70,12 +70,6 @@ async def generate(state: RouterState, req: Sampling, body: dict[str, Any], requ
             )
         text, final = await unless_gone(whole(first, replies), gone)
         return JSONResponse(shape.whole(text, final))
-    except BusError as exc:
-        raise errors.from_bus(exc, state.config.router.retry_after_s) from None
-    except ClientGone:
-        log.info("call %s: the client went away before the reply; cancelling it",
-                 call.id if call else "(not yet sent)")
-        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     finally:
         gone.cancel()
         if call is not None and not streaming:

@@ -14,10 +14,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from daemons.bus.broker import Call
-from daemons.bus.errors import BusError
-from daemons.router import errors
 from daemons.router.body import parse_body
-from daemons.router.calls import ClientGone, open_call, require_worker, unless_gone, watch
+from daemons.router.calls import require_worker, unless_gone, watch
 from daemons.router.errors import APIError
 from daemons.router.state import Caller, RouterState, caller, get_state
 
@@ -72,12 +70,8 @@ async def embeddings(request: Request, who: Caller = Depends(caller),
     gone = watch(request)
     call: Call | None = None
     try:
-        call = await unless_gone(open_call(state, service, body, who.deadline), gone)
+        call = await unless_gone(state.broker.call(service, body, who.deadline), gone)
         parts, final = await unless_gone(collect(call), gone)
-    except BusError as exc:
-        raise errors.from_bus(exc, state.config.router.retry_after_s) from None
-    except ClientGone:
-        return Response(status_code=499)
     finally:
         gone.cancel()
         if call is not None:

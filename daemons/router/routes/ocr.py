@@ -27,7 +27,7 @@ from daemons.bus.broker import Call
 from daemons.bus.errors import BusError
 from daemons.router import errors
 from daemons.router.body import parse_body
-from daemons.router.calls import ClientGone, open_call, require_worker, unless_gone, watch
+from daemons.router.calls import require_worker, unless_gone, watch
 from daemons.router.errors import APIError
 from daemons.router.shape import sse
 from daemons.router.state import Caller, RouterState, caller, get_state
@@ -161,7 +161,7 @@ async def run(state: RouterState, request: Request, who: Caller, body: dict[str,
     call: Call | None = None
     streaming = False
     try:
-        call = await unless_gone(open_call(state, SERVICE, body, who.deadline), gone)
+        call = await unless_gone(state.broker.call(SERVICE, body, who.deadline), gone)
         replies = aiter(call)
         # The first reply before any response: a refused document is a real HTTP status.
         first = await unless_gone(anext(replies), gone)
@@ -175,11 +175,6 @@ async def run(state: RouterState, request: Request, who: Caller, body: dict[str,
             pages.append(data)
             kind, data = await unless_gone(anext(replies), gone)
         return JSONResponse(document(pages, data))
-    except BusError as exc:
-        raise errors.from_bus(exc, state.config.router.retry_after_s) from None
-    except ClientGone:
-        log.info("OCR call: the client went away before the reply; cancelling it")
-        return Response(status_code=499)
     finally:
         gone.cancel()
         if not streaming:
