@@ -142,8 +142,8 @@ class Signals:
         self.last: int | None = None
         self.event = threading.Event()
 
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+    def install(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        for sig in signals:
             signal.signal(sig, self._record)
 
     def _record(self, signum: int, frame: FrameType | None) -> None:

@@ -207,16 +207,10 @@ class Suite:
                        ) -> Child:
         return self.start(inst.label, inst.argv(self.config_path), wait=wait, env=env)
 
-    def start_all(self, instances: Sequence[Instance], wait: float = 120.0,
-                  on_ready: Callable[[Child], None] | None = None, interrupted: Callable[[], bool] | None = None
-                  ) -> None:
+    def start_all(self, instances: Sequence[Instance], wait: float = 120.0) -> None:
         """In order, each waited for before the next (the router first: it is the broker)."""
         for inst in instances:
-            child = self.start_instance(inst, wait=wait)
-            if on_ready is not None:
-                on_ready(child)
-            if interrupted is not None and interrupted():
-                raise LaunchError("interrupted")
+            self.start_instance(inst, wait=wait)
 
     def dead(self) -> Child | None:
         """A child that has exited, if any (for a supervisor loop)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from daemons import config as config_mod
 from daemons import registry, service
 from daemons.config import Config, ConfigError
-from daemons.ctl.launcher import Child, LaunchError, Suite
+from daemons.ctl.launcher import LaunchError, Suite
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 120.0
@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None, daemons: Sequence[registry.Daemon] = reg
     service.ensure_dir(config.paths.runtime)
     service.ensure_dir(config.paths.state)
     sigs = service.Signals()
-    sigs.install()
-    signal.signal(signal.SIGHUP, lambda signum, frame: sigs._record(signum, frame))
+    sigs.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     out = Out()
     suite = Suite(config_path, env, config.paths.runtime)
     code = 1
@@ -119,13 +118,13 @@ def main(argv: list[str] | None = None, daemons: Sequence[registry.Daemon] = reg
 
 def supervise(suite: Suite, instances: list[registry.Instance], config: Config, sigs: service.Signals,
               out: Out) -> int:
-    def ready(child: Child) -> None:
-        out.say(f"onebox: {child.name} ready (pid {child.pid}): {child.ready_status}")
-
     try:
         for inst in instances:
             out.say(f"onebox: starting {inst.label}")
-            suite.start_all([inst], wait=READY_TIMEOUT_S, on_ready=ready, interrupted=lambda: bool(sigs.count))
+            child = suite.start_instance(inst, wait=READY_TIMEOUT_S)
+            out.say(f"onebox: {child.name} ready (pid {child.pid}): {child.ready_status}")
+            if sigs.count:
+                raise LaunchError("interrupted")
     except LaunchError as exc:
         why = f"interrupted by {sigs.name}" if sigs.count else str(exc)
         out.say(f"onebox: {why}; stopping", err=True)

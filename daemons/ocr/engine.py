@@ -21,10 +21,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
-from typing import Any, Protocol
+from typing import Any
 
 from daemons.bus.errors import RequestError
-from daemons.bus.worker import Request
+from daemons.bus.worker import Emitter, Request
 from daemons.feeder import Feeder, TestHooks
 from daemons.ocr import paths
 from daemons.ocr.extract import LANGUAGES_RE, Job
@@ -39,16 +39,6 @@ RATE_WINDOW_S = 30.0
 # restarted after a growing pause, so a broken install does not spin.
 QUICK_DEATH_S = 10.0
 RESPAWN_BACKOFF_MAX_S = 30.0
-
-
-class Emitter(Protocol):
-    """Where replies go (daemons.bus.worker.Emitter; thread-safe)."""
-
-    def partial(self, request_id: str, data: dict[str, Any]) -> None: ...
-
-    def final(self, request_id: str, data: dict[str, Any]) -> None: ...
-
-    def error(self, request_id: str, code: int, message: str) -> None: ...
 
 
 @dataclass
