@@ -31,10 +31,11 @@ from daemons.config import ModelConfig
 from daemons.feeder import Feeder, Inbox, TestHooks
 from daemons.infer import request as request_mod
 from daemons.infer.model import Model
-from daemons.infer.native import Context, KvFull, LlamaError, Pieces, Sampler
+from daemons.infer.native import Context, Sampler
 from daemons.infer.prefix import PrefixTree
 from daemons.infer.reply import Reply, Usage
 from daemons.infer.seq import Pending, Seq
+from daemons.llama import KvFull, LlamaError, Pieces
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from daemons.infer import memory, native
 from daemons.infer.engine import BatchEngine
 from daemons.infer.model import Model, ModelError
 from daemons.infer.simple import SimpleEngine
+from daemons.llama import LlamaError, forward_llama_logs
 
 log = logging.getLogger("daemons.infer")
 
@@ -39,7 +40,7 @@ def make_context(model: Model, mc: ModelConfig, runtime_bytes: int) -> native.Co
     try:
         ctx = native.Context(model.lm.model, n_cells=mc.kv_tokens, n_seq_max=mc.slots + mc.cached_prefixes,
                              n_batch=mc.step_tokens, threads=mc.threads, flash_attn=mc.flash_attn)
-    except native.LlamaError as exc:
+    except LlamaError as exc:
         raise serve.LoadError(f"cannot create the llama context: {exc} (out of memory?) — {plan.describe()}") from None
     plan = dataclasses.replace(plan, compute=ctx.compute_bytes)
     if not plan.fits:
@@ -74,7 +75,7 @@ def load(loading: serve.Loading) -> serve.Served:
     loading.extend(LOAD_EXTEND_S, f"loading {path.name}")
     runtime_bytes = memory.rss_bytes()
     started = time.monotonic()
-    native.forward_llama_logs()
+    forward_llama_logs()
     engine_name = choose_engine(str(path), mc)
     try:
         model = Model.load(path, mc, engine_name)

@@ -11,10 +11,7 @@ from typing import Any
 import llama_cpp
 
 from daemons.infer.request import GenRequest
-from daemons.llama import Batch, KvFull, LlamaError, Pieces, context_params, forward_llama_logs, init_context, meta
-
-__all__ = ["Batch", "Context", "KvFull", "KvShape", "LlamaError", "Pieces", "Sampler", "batch_refusal",
-           "forward_llama_logs", "kv_shape", "meta", "unsupported_reason"]
+from daemons.llama import Batch, KvFull, LlamaError, context_params, init_context, meta
 
 # llama-cpp-python's own greedy/penalty defaults, so one request matches its output.
 PENALTY_LAST_N = 64

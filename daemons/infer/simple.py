@@ -23,8 +23,8 @@ from daemons.config import ModelConfig
 from daemons.feeder import Feeder, TestHooks
 from daemons.infer import request as request_mod
 from daemons.infer.model import Model
-from daemons.infer.native import Pieces
 from daemons.infer.reply import Reply, Usage
+from daemons.llama import Pieces
 
 log = logging.getLogger(__name__)
 

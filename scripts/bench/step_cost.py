@@ -89,10 +89,10 @@ def main() -> int:
     args = parser.parse_args()
     import llama_cpp
 
-    from daemons.infer import native
+    from daemons.llama import forward_llama_logs
     from daemons.models import resolve
 
-    native.forward_llama_logs()
+    forward_llama_logs()
     path = resolve(args.model, ROOT / "var" / "lib" / "models")
     lm = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
     out: dict[str, Any] = {"model": path.name, "threads": args.threads, "decode": [], "prefill": []}

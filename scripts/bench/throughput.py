@@ -319,8 +319,9 @@ def bare_decode(model_path: Path, threads: int, prompts: list[list[int]], new_to
     import llama_cpp
 
     from daemons.infer import native
+    from daemons.llama import forward_llama_logs
 
-    native.forward_llama_logs()
+    forward_llama_logs()
     lm = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
     ctx = native.Context(lm, n_cells=kv, n_seq_max=len(prompts), n_batch=step, threads=threads, flash_attn=flash_attn)
     greedy = llama_cpp.llama_sampler_init_greedy()
