@@ -49,6 +49,13 @@ class Daemon:
     instances_of: str | None = None
     # Whether the config turns it on.
     enabled: Callable[[Config], bool] = always
+    # The `onebox` subcommand that runs it, when not its name (`onebox ingest` is the
+    # command that copies files in; the daemon is `onebox ingest-daemon`).
+    command: str = ""
+
+    @property
+    def cmd(self) -> str:
+        return self.command or self.name
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,8 @@ CORE = ("paths", "log", "bus")
 
 ROUTER = Daemon(
     name="router", module="daemons.router.main", summary="run the router daemon (API + bus broker)",
-    unit="onebox-router.service", sections=(*CORE, "router", "models", "embeddings", "ocr"), service=None,
+    unit="onebox-router.service", sections=(*CORE, "router", "models", "embeddings", "ocr", "ingest", "collections",
+                                            "search"), service=None,
     placement="router",
 )
 INFER = Daemon(
@@ -100,8 +108,16 @@ OCR = Daemon(
     enabled=lambda config: config.ocr.enabled,
 )
 
-# In start order: the router (the broker) first, stopped last.
-DAEMONS: tuple[Daemon, ...] = (ROUTER, INFER, EMBED, OCR)
+INGEST = Daemon(
+    name="ingest", module="daemons.ingest.main", summary="run the ingestion daemon (inbox folders to the index)",
+    unit="onebox-ingest.service", sections=(*CORE, "ingest", "collections", "embeddings", "search", "ocr"),
+    service="ingest", placement="background", command="ingest-daemon",
+    enabled=lambda config: config.ingest.enabled and bool(config.collections) and bool(config.embeddings),
+)
+
+# In start order: the router (the broker) first, stopped last; ingestion after the
+# daemons it calls.
+DAEMONS: tuple[Daemon, ...] = (ROUTER, INFER, EMBED, OCR, INGEST)
 
 
 def by_name(name: str, daemons: Sequence[Daemon] = DAEMONS) -> Daemon:

@@ -86,11 +86,11 @@ def test_every_registered_daemon_has_its_unit_command_and_readme_row() -> None:
     for d in registry.DAEMONS:
         assert d.unit in units, f"{d.name}: no units/{d.unit}"
         text = (ROOT / "units" / d.unit).read_text()
-        assert f"onebox {d.name}" in text, f"units/{d.unit} does not run `onebox {d.name}`"
+        assert f"onebox {d.cmd} " in text, f"units/{d.unit} does not run `onebox {d.cmd}`"
         assert f"SyslogIdentifier=onebox-{d.name}" in text, f"units/{d.unit}: SyslogIdentifier"
-        r = subprocess.run(ONEBOX + [d.name, "--help"], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0 and f"usage: onebox {d.name}" in r.stdout, r.stdout + r.stderr
-        assert f"`onebox {d.name}" in readme, f"README.md has no `onebox {d.name}` row"
+        r = subprocess.run(ONEBOX + [d.cmd, "--help"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and f"usage: onebox {d.cmd}" in r.stdout, r.stdout + r.stderr
+        assert f"`onebox {d.cmd}" in readme, f"README.md has no `onebox {d.cmd}` row"
         prefix = d.unit.split("@")[0] + "@" if "@" in d.unit else d.unit
         assert prefix in readme, f"README.md does not name {d.unit}"
         assert f"{d.unit}.d/tune.conf" in drop_ins, f"onebox tune writes no drop-in for {d.unit}"

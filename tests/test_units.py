@@ -21,7 +21,7 @@ UNIT_FILES = sorted(p.name for p in UNITS_DIR.iterdir() if p.suffix in (".servic
 # A template is checked through an instance, as systemd would load it.
 LOADED = [n.replace("@.service", "@smollm2.service") for n in UNIT_FILES]
 MAX_EXPOSURE = {"onebox-router.service": 2.5, "onebox-infer@smollm2.service": 4.0, "onebox-embed@smollm2.service": 4.0,
-                "onebox-ocr.service": 2.5}
+                "onebox-ocr.service": 2.5, "onebox-ingest.service": 2.5}
 
 SANDBOX = r"""
 set -e

@@ -25,13 +25,14 @@ from typing import Any, TypeVar
 
 from daemons.config.core import BusConfig, LogConfig, PathsConfig
 from daemons.config.embeddings import EmbeddingConfig
+from daemons.config.ingest import CollectionConfig, IngestConfig, SearchConfig
 from daemons.config.models import ModelConfig
 from daemons.config.ocr import OcrConfig
 from daemons.config.router import RouterConfig
 from daemons.config.schema import ConfigError, build, is_section, render_section
 
-__all__ = ["BusConfig", "Config", "ConfigError", "DEFAULT_CONFIG", "EmbeddingConfig", "LogConfig", "ModelConfig",
-           "OcrConfig", "PathsConfig",
+__all__ = ["BusConfig", "CollectionConfig", "Config", "ConfigError", "DEFAULT_CONFIG", "EmbeddingConfig",
+           "IngestConfig", "LogConfig", "ModelConfig", "OcrConfig", "PathsConfig", "SearchConfig",
            "RouterConfig", "SECTIONS", "load", "parse", "render_defaults"]
 
 DEFAULT_CONFIG = Path("/etc/onebox/onebox.toml")
@@ -53,10 +54,24 @@ class Config:
                "each must be unique.", "example": "minilm"})
     ocr: OcrConfig = field(default_factory=OcrConfig, metadata={
         "doc": "OCR of scanned PDFs and images with tesseract (onebox-ocr.service)."})
+    ingest: IngestConfig = field(default_factory=IngestConfig, metadata={
+        "doc": "Document ingestion (onebox-ingest.service): inbox folders to the retrieval index, index.db."})
+    collections: dict[str, CollectionConfig] = field(default_factory=dict, metadata={
+        "doc": "One table per inbox folder: its files are the collection NAME (POST /v1/search filters by it,\n"
+               'chat completions take "rag": {"collection": NAME}).', "example": "default"})
+    search: SearchConfig = field(default_factory=SearchConfig, metadata={
+        "doc": "Retrieval: POST /v1/search and RAG in chat completions (read by the router)."})
     source: str = "<defaults>"
 
     def embedding(self, key: str) -> EmbeddingConfig:
         return self._named(self.embeddings, "embeddings", key)
+
+    def ingest_embedding(self) -> str | None:
+        """The [embeddings.NAME] that ingestion and search use: [ingest] embedding, else the first."""
+        return self.ingest.embedding or next(iter(self.embeddings), None)
+
+    def collection_dirs(self) -> dict[str, Path]:
+        return {name: c.path(self.paths.state, name) for name, c in self.collections.items()}
 
     def model(self, key: str) -> ModelConfig:
         return self._named(self.models, "models", key)

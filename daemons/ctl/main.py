@@ -13,8 +13,12 @@ TOOLS = {
     "config": ("daemons.ctl.config_cmd", "check the config file, or print the documented defaults"),
     "models": ("daemons.ctl.models_cmd", "list the configured models and their files, or convert one to GGUF"),
     "tune": ("daemons.ctl.tune", "write systemd drop-ins and kernel parameters for this box's CPUs"),
+    "ingest": ("daemons.ctl.ingest_cmd", "copy files into a collection's inbox and wait until they are indexed"),
+    "search": ("daemons.ctl.search_cmd", "search the indexed documents"),
+    "documents": ("daemons.ctl.documents_cmd", "list the indexed documents and the files waiting, with their status"),
+    "mcp": ("daemons.ctl.mcp_cmd", "serve the Model Context Protocol on stdio (search and read the documents)"),
 }
-COMMANDS = {**{d.name: (d.module, d.summary) for d in registry.DAEMONS}, **TOOLS}
+COMMANDS = {**{d.cmd: (d.module, d.summary) for d in registry.DAEMONS}, **TOOLS}
 
 
 def main(argv: list[str] | None = None) -> int:

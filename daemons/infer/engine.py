@@ -222,7 +222,7 @@ class BatchEngine:
             sid = self.free_ids.pop()
             self._order += 1
             s = Seq(id=sid, order=self._order, req=p.req, gen=p.gen, prompt=p.prompt, max_new=p.max_new,
-                    reserve_target=target, sampler=sampler, reply=Reply(self.emit, p.req.id, p.gen.stop))
+                    reserve_target=target, sampler=sampler, reply=Reply(self.emit, p.req.id, p.gen.stop, p.gen.fitted))
             s.sampler.accept_prompt(p.prompt)
             self.active[sid] = s
             self.lookups += 1

@@ -16,6 +16,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from daemons.bus.errors import RequestError
 from daemons.config import ModelConfig
+from daemons.infer import rag
 from daemons.infer.request import GenRequest
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,10 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    def prompt_tokens(self, req: GenRequest) -> list[int]:
+    def prompt_tokens(self, req: GenRequest, messages: list[dict[str, str]] | None = None) -> list[int]:
         if req.kind == "chat":
             try:
-                rendered = self.formatter(messages=req.messages)  # type: ignore[arg-type]
+                rendered = self.formatter(messages=messages if messages is not None else req.messages)  # type: ignore[arg-type]
             except Exception as exc:  # the template's own raise_exception, or a Jinja error
                 raise RequestError(f"the model's chat template refused these messages: {exc}", 400)
             return list(self.lm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special,
@@ -100,7 +101,7 @@ class Model:
         """The prompt's tokens and how many may be generated after them; RequestError
         (400) for a prompt that is empty, too long or cannot be tokenized."""
         try:
-            prompt = self.prompt_tokens(req)
+            prompt = self.prompt_tokens(req) if req.sources is None else self.fit_sources(req)
         except RequestError:
             raise
         except Exception as exc:  # e.g. text the tokenizer cannot encode: this request only
@@ -110,6 +111,37 @@ class Model:
             raise RequestError("the prompt is empty", 400)
         self.check_fits(prompt)
         return prompt, min(req.max_tokens or default_max_tokens, self.n_ctx - len(prompt))
+
+    def fit_sources(self, req: GenRequest) -> list[int]:
+        """The prompt with as many of the RAG sources (best first) as fit in the context
+        with room for the answer: fewer sources rather than a prompt that cannot run.
+        Records how many in req.fitted["sources_used"]."""
+        sources = req.sources or []
+        room = self.n_ctx - min(req.answer_tokens, req.max_tokens or req.answer_tokens)
+
+        def build(n: int) -> list[int]:
+            return self.prompt_tokens(req, rag.messages_with_sources(req.messages, sources[:n]))
+
+        best, prompt = 0, build(0)
+        if sources and len(prompt) < room:
+            full = build(len(sources))
+            if len(full) <= room:
+                best, prompt = len(sources), full
+            else:  # the largest n that fits: the prompt only grows with n
+                lo, hi = 0, len(sources)
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    candidate = build(mid)
+                    if len(candidate) <= room:
+                        lo, prompt = mid, candidate
+                    else:
+                        hi = mid
+                best = lo
+        req.fitted["sources_used"] = best
+        if best < len(sources):
+            log.info("RAG: %d of %d source(s) fit in the context (%d tokens, %d kept for the answer)", best,
+                     len(sources), self.n_ctx, self.n_ctx - room)
+        return prompt
 
     def check_fits(self, prompt: list[int]) -> None:
         if len(prompt) >= self.n_ctx:

@@ -19,8 +19,9 @@ class Usage:
 
 
 class Reply:
-    def __init__(self, emit: Emitter, request_id: str, stops: list[str]) -> None:
+    def __init__(self, emit: Emitter, request_id: str, stops: list[str], extra: dict[str, int] | None = None) -> None:
         self.emit = emit
+        self.extra = extra or {}
         self.id = request_id
         self.started = time.monotonic()
         self.first_token_at: float | None = None
@@ -57,6 +58,6 @@ class Reply:
         counts = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
         if usage.cached_tokens is not None:
             counts["cached_tokens"] = usage.cached_tokens
-        self.emit.final(self.id, {"finish_reason": reason, "usage": counts,
+        self.emit.final(self.id, {"finish_reason": reason, "usage": counts, **self.extra,
                                   "timings": {"seconds": round(elapsed, 4), "first_token_s": round(ttft, 4)}})
         return elapsed

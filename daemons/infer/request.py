@@ -6,12 +6,21 @@ the bus can send a REQUEST, and a bad one must get a 400, not crash the engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from daemons.bus.errors import RequestError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_SOURCES = 100
+
+
+@dataclass(frozen=True)
+class Source:
+    """A retrieved passage the router sends with a RAG chat, cited as [n]."""
+
+    label: str  # "Title, page 3"
+    text: str
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,11 @@ class GenRequest:
     repeat_penalty: float
     seed: int | None
     stop: list[str]
+    # RAG: passages to fit into the prompt, best first, and room to keep for the answer.
+    sources: list[Source] | None = None
+    answer_tokens: int = 256
+    # What preparing the prompt decided, reported in the FINAL (e.g. {"sources_used": 3}).
+    fitted: dict[str, int] = field(default_factory=dict)
 
 
 def _num(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
@@ -70,7 +84,10 @@ def parse(body: dict[str, Any]) -> GenRequest:
     stop = body.get("stop") or []
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
         raise RequestError("stop must be a list of up to 16 non-empty strings", 400)
+    sources, answer_tokens = _rag(body.get("rag"), kind)
     return GenRequest(
+        sources=sources,
+        answer_tokens=answer_tokens,
         kind=kind,
         messages=messages,
         prompt=prompt,
@@ -86,3 +103,23 @@ def parse(body: dict[str, Any]) -> GenRequest:
         seed=_opt_int(body, "seed", 0, 2**63 - 1),
         stop=list(stop),
     )
+
+
+def _rag(raw: Any, kind: str) -> tuple[list[Source] | None, int]:
+    if raw is None:
+        return None, 256
+    if kind != "chat" or not isinstance(raw, dict):
+        raise RequestError("rag must be an object, on chat requests only", 400)
+    items = raw.get("sources")
+    if not isinstance(items, list) or len(items) > MAX_SOURCES:
+        raise RequestError(f"rag.sources must be a list of at most {MAX_SOURCES}", 400)
+    sources = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or \
+                not isinstance(item.get("label", ""), str):
+            raise RequestError("each rag source needs string text and label", 400)
+        sources.append(Source(label=item.get("label", ""), text=item["text"]))
+    answer = raw.get("answer_tokens", 256)
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 1 <= answer <= 1_000_000:
+        raise RequestError("rag.answer_tokens must be a positive integer", 400)
+    return sources, answer

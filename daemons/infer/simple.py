@@ -124,7 +124,7 @@ class SimpleEngine:
         model = self.model
         prompt, max_new = model.prepare(gen, self.mc.default_max_tokens)
         model.llama.set_seed(gen.seed if gen.seed is not None else random.getrandbits(32))
-        reply = Reply(self.emit, req.id, gen.stop)
+        reply = Reply(self.emit, req.id, gen.stop, gen.fitted)
         produced = 0
         finish = "length"
         self.feeder.expect(2.0 + PREFILL_S_PER_TOKEN * len(prompt))

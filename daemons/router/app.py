@@ -13,17 +13,26 @@ from daemons.config import Config
 from daemons.router import errors
 from daemons.router.body import BodyLimit
 from daemons.router.calls import ClientGone
-from daemons.router.routes import completions, embeddings, health, models, ocr
+from daemons.router.index import Index
+from daemons.router.routes import (
+    completions,
+    documents,
+    embeddings,
+    health,
+    models,
+    ocr,
+    search,
+)
 from daemons.router.state import RouterState
 
 log = logging.getLogger(__name__)
 
-AREAS = (health, models, completions, embeddings, ocr)
+AREAS = (health, models, completions, embeddings, ocr, search, documents)
 
 
 def create_app(config: Config, broker: Broker) -> FastAPI:
     app = FastAPI(title="onebox", version=__version__, docs_url=None, redoc_url=None)
-    app.state.onebox = RouterState(config, broker)
+    app.state.onebox = RouterState(config, broker, Index(config.paths.state / "index.db"))
     errors.install(app)
 
     @app.exception_handler(BusError)
@@ -37,9 +46,10 @@ def create_app(config: Config, broker: Broker) -> FastAPI:
                  request.url.path)
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
-    # Uploads for OCR may be as large as the OCR daemon reads (plus multipart framing).
+    # Uploads (OCR, documents) may be as large as their daemon reads (plus multipart framing).
     app.add_middleware(BodyLimit, limit=config.router.max_body_bytes,
-                       streamed={"/v1/ocr": config.ocr.max_file_bytes + 64 * 1024})
+                       streamed={"/v1/ocr": config.ocr.max_file_bytes + 64 * 1024,
+                                 "/v1/documents": config.ingest.max_file_bytes + 64 * 1024})
     for area in AREAS:
         app.include_router(area.router)
     return app

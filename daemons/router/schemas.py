@@ -88,9 +88,26 @@ class Sampling(BaseModel):
         }
 
 
+class RagOptions(BaseModel):
+    """onebox's extension to chat completions: answer from the document index."""
+
+    model_config = ConfigDict(extra="forbid")
+    collection: str | None = Field(default=None, min_length=1, max_length=256)
+    k: int | None = Field(default=None, ge=1, le=100)
+    mode: Literal["hybrid", "vector", "text"] | None = None
+
+
 class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    rag: RagOptions | None = None
+
+    def question(self) -> str:
+        """What a RAG chat retrieves for: the last user message."""
+        for m in reversed(self.messages):
+            if m.role == "user" and m.text().strip():
+                return m.text()
+        return ""
 
     def body(self) -> dict[str, Any]:
         sampling = self.sampling_body()

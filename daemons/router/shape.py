@@ -15,8 +15,10 @@ def sse(payload: dict[str, Any] | str) -> bytes:
 class Shape:
     """Builds OpenAI response objects for one completion call."""
 
-    def __init__(self, model: str, call_id: str, chat: bool) -> None:
+    def __init__(self, model: str, call_id: str, chat: bool, sources: list[dict[str, Any]] | None = None) -> None:
         self.model = model
+        # RAG: the retrieved sources, best first; the reply names those the prompt held.
+        self.sources = sources
         self.chat = chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + call_id
         self.object = "chat.completion" if chat else "text_completion"
@@ -36,6 +38,13 @@ class Shape:
             "id": self.id, "object": self.chunk_object,
             "created": self.created, "model": self.model, "choices": [choice],
         }
+
+    def used_sources(self, final: dict[str, Any]) -> dict[str, Any]:
+        """{"sources": [...]} for a RAG reply (the ones that fit the prompt, cited [1]..),
+        else nothing."""
+        if self.sources is None:
+            return {}
+        return {"sources": self.sources[:int(final.get("sources_used", 0))]}
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -64,5 +73,5 @@ class Shape:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         return {
             "id": self.id, "object": self.object, "created": self.created, "model": self.model,
-            "choices": [choice], "usage": self.usage(final.get("usage", {})),
+            "choices": [choice], "usage": self.usage(final.get("usage", {})), **self.used_sources(final),
         }

@@ -12,12 +12,14 @@ from daemons import registry
 from daemons.bus.broker import Broker
 from daemons.config import Config
 from daemons.router.errors import APIError
+from daemons.router.index import Index
 
 
 @dataclass
 class RouterState:
     config: Config
     broker: Broker
+    index: Index
 
     @property
     def retry_after(self) -> dict[str, str]:

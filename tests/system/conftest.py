@@ -34,6 +34,11 @@ feeder_priority = 10
 
 [embeddings.minilm]
 path = "all_minilm_l6_v2/all-MiniLM-L6-v2.f16.gguf"
+
+[collections.docs]
+
+[ingest]
+settle_s = 0.5
 """
 
 

@@ -22,7 +22,8 @@ ROUTER = "onebox-router.service"
 INFER = "onebox-infer@smollm2.service"
 EMBED = "onebox-embed@minilm.service"
 OCR = "onebox-ocr.service"
-UNITS = [ROUTER, INFER, EMBED, OCR]
+INGEST = "onebox-ingest.service"
+UNITS = [ROUTER, INFER, EMBED, OCR, INGEST]
 VENV_PY = "/opt/onebox/venv/bin/python"
 HANG_FILE = "/run/onebox-test-hang"
 
@@ -192,6 +193,41 @@ def test_embeddings_and_ocr_over_api_socket(box: Box) -> None:
     print(f"embeddings and OCR under systemd; OCR pool niceness {nices}")
 
 
+# Runs inside the container: a file dropped into the inbox, then searched for until found.
+INGEST_AND_SEARCH = r"""
+import json, os, pathlib, time, httpx
+inbox = pathlib.Path("/var/lib/onebox/inbox/docs")
+for _ in range(100):
+    if inbox.is_dir():
+        break
+    time.sleep(0.1)
+(inbox / "systemd-note.txt").write_text("Under systemd the ingestion daemon indexed the word octarine.")
+t = httpx.HTTPTransport(uds="/run/onebox/api.sock")
+started = time.monotonic()
+with httpx.Client(transport=t, base_url="http://onebox", timeout=60) as c:
+    while time.monotonic() - started < 60:
+        r = c.post("/v1/search", json={"query": "octarine", "collection": "docs"})
+        if r.status_code == 200 and r.json()["data"]:
+            break
+        time.sleep(0.3)
+    print(json.dumps({"status": r.status_code, "body": r.json(), "seconds": time.monotonic() - started}))
+"""
+
+
+def test_a_file_in_the_inbox_becomes_searchable(box: Box) -> None:
+    box.require_installed()
+    rc, out = box.run(VENV_PY, "-c", INGEST_AND_SEARCH, timeout=120)
+    assert rc == 0, out
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["status"] == 200 and got["body"]["data"], got
+    assert got["body"]["data"][0]["path"].endswith("systemd-note.txt")
+    assert prop(box, INGEST, "CPUWeight") == "50"
+    pid = prop(box, INGEST, "MainPID")
+    rc, out = box.run("ps", "-o", "ni=", "-p", pid)
+    assert int(out.split()[0]) >= 10, out
+    print(f"a dropped file was searchable after {got['seconds']:.1f} s under systemd")
+
+
 def test_chat_completion_over_api_socket(box: Box) -> None:
     box.require_installed()
     reply = chat(box)
@@ -246,9 +282,9 @@ def test_kill9_infer_is_restarted_and_api_works(box: Box) -> None:
     kill9_and_recover(box, INFER)
 
 
-def test_kill9_embed_and_ocr_are_restarted(box: Box) -> None:
+def test_kill9_embed_ocr_and_ingest_are_restarted(box: Box) -> None:
     box.require_installed()
-    for unit in (EMBED, OCR):
+    for unit in (EMBED, OCR, INGEST):
         kill9_and_recover(box, unit)
     rc, out = box.run(VENV_PY, "-c", EMBED_AND_OCR, timeout=120)
     got = json.loads(out.strip().splitlines()[-1])

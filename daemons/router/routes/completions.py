@@ -15,6 +15,7 @@ from daemons.router import errors
 from daemons.router.body import parse_body
 from daemons.router.calls import require_worker, unless_gone, watch
 from daemons.router.errors import APIError
+from daemons.router import rag
 from daemons.router.routes.models import infer_service
 from daemons.router.schemas import ChatRequest, CompletionRequest, Sampling
 from daemons.router.shape import Shape, sse
@@ -30,7 +31,12 @@ Replies = AsyncIterator[tuple[str, dict[str, Any]]]
 @router.post("/v1/chat/completions", response_model=None)
 async def chat(request: Request, who: Caller = Depends(caller), state: RouterState = Depends(get_state)) -> Response:
     req = parse_body(ChatRequest, await request.body())
-    return await generate(state, req, req.body(), request, who, chat=True)
+    body = req.body()
+    sources: list[dict[str, Any]] | None = None
+    if req.rag is not None:
+        check_model(state, req.model)
+        sources, body["rag"] = await rag.retrieve_sources(state, req, who)
+    return await generate(state, req, body, request, who, chat=True, sources=sources)
 
 
 @router.post("/v1/completions", response_model=None)
@@ -49,14 +55,14 @@ def check_model(state: RouterState, model: str) -> str:
 
 
 async def generate(state: RouterState, req: Sampling, body: dict[str, Any], request: Request, who: Caller,
-                   chat: bool) -> Response:
+                   chat: bool, sources: list[dict[str, Any]] | None = None) -> Response:
     service = check_model(state, req.model)
     gone = watch(request)
     call: Call | None = None
     streaming = False
     try:
         call = await unless_gone(state.broker.call(service, body, who.deadline), gone)
-        shape = Shape(req.model, call.id, chat)
+        shape = Shape(req.model, call.id, chat, sources)
         replies = aiter(call)
         # The first reply comes before any response, so that a refusal (prompt too
         # long, overload) is a real HTTP status, not an error event inside a 200 stream.
@@ -87,7 +93,7 @@ async def stream(state: RouterState, call: Call, replies: Replies, first: tuple[
                     yield sse(shape.chunk(shape.delta(str(data["text"])), None))
                 kind, data = await anext(replies)
                 continue
-            yield sse(shape.chunk(shape.delta(""), data.get("finish_reason", "stop")))
+            yield sse({**shape.chunk(shape.delta(""), data.get("finish_reason", "stop")), **shape.used_sources(data)})
             if include_usage:
                 yield sse(shape.usage_chunk(data.get("usage", {})))
             break

@@ -1,0 +1,354 @@
+"""From a queued file to indexed chunks, in stages that run at the same time:
+
+    claim (two lanes) -> parse or OCR -> markdown cache -> chunk  ─┐
+                                                                  ├─ embed queue -> embed -> store queue -> store
+    text lane: text_workers threads; ocr lane: ocr_workers threads ┘
+
+The lanes keep a 300-page scan from holding up small text files; the queues between
+stages are bounded (`queue`), so a stage that falls behind makes the one before it wait
+instead of filling memory. The store stage is the index's only writer: one transaction
+per document (daemons/index/write.py).
+
+A failure is sorted into permanent (the file can never work: corrupt, unsupported,
+empty, too big, refused by OCR as such) -> quarantined at once with the reason, or
+transient (OCR or embedding daemon down or overloaded, a deadline, a bug) -> retried
+with backoff, quarantined after max_attempts (daemons/ingest/queue.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue as queue_mod
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemons.bus.client import BusClient
+from daemons.bus.errors import BusError, RemoteError
+from daemons.config import IngestConfig
+from daemons.index.write import IndexWriter, NewChunk, NewDocument
+from daemons.ingest import chunk as chunking
+from daemons.ingest import parse
+from daemons.ingest.cache import MarkdownCache
+from daemons.ingest.queue import LANES, Job, JobQueue
+from daemons.ingest.tokens import Tokenizer
+
+log = logging.getLogger(__name__)
+
+OCR_LANE_KINDS = ("pdf", "image")
+WAIT_S = 1.0  # longest sleep of an idle stage: bounds how long stop() waits for it
+
+
+class Permanent(Exception):
+    """This file can never be indexed as it is: quarantine it with this reason."""
+
+
+class Stale(Exception):
+    """The file changed or went while it was being read: its newer job does the work."""
+
+
+@dataclass
+class Prepared:
+    job: Job
+    doc: NewDocument
+    chunks: list[chunking.Chunk]
+    started: float
+    vectors: np.ndarray | None = None
+
+
+@dataclass
+class Counters:
+    indexed: int = 0
+    duplicates: int = 0
+    removed: int = 0
+    retried: int = 0
+    quarantined: int = 0
+    chunks: int = 0
+    ocr_pages: int = 0
+    recent: deque[float] = field(default_factory=deque)  # when recent files were indexed
+
+
+def lane_of(path: Path) -> str:
+    """Which lane a file goes to, from its name and first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        head = b""
+    return "ocr" if parse.kind_of(path, head) in OCR_LANE_KINDS else "text"
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class Pipeline:
+    def __init__(self, settings: IngestConfig, queue: JobQueue, writer: IndexWriter, bus: BusClient,
+                 embed_service: str, tokenizer: Tokenizer, cache: MarkdownCache, ocr_enabled: bool) -> None:
+        self.s = settings
+        self.queue = queue
+        self.writer = writer
+        self.lock = queue.lock
+        self.bus = bus
+        self.embed_service = embed_service
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self.ocr_enabled = ocr_enabled
+        # What one chunk may hold: the setting, cut to what the model embeds whole.
+        self.chunk_tokens = max(8, min(settings.chunk_tokens, tokenizer.n_ctx_train - tokenizer.specials))
+        self.overlap = min(settings.chunk_overlap, self.chunk_tokens // 2)
+        self.embed_q: queue_mod.Queue[Prepared] = queue_mod.Queue(settings.queue)
+        self.store_q: queue_mod.Queue[Prepared] = queue_mod.Queue(settings.queue)
+        self.counters = Counters()
+        self.busy: dict[str, str] = {}  # thread name -> path it works on
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        for lane, n in (("text", settings.text_workers), ("ocr", settings.ocr_workers)):
+            for i in range(n):
+                self._threads.append(self._thread(f"{lane}-{i}", self._lane, lane))
+        self._threads.append(self._thread("embed", self._stage, self.embed_q, self._embed))
+        self._threads.append(self._thread("store", self._stage, self.store_q, self._store))
+
+    def _thread(self, name: str, target: Callable[..., None], *args: Any) -> threading.Thread:
+        return threading.Thread(target=target, args=args, name=name, daemon=True)
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float) -> bool:
+        """Stop every stage after its current step; True when all have stopped. Work in
+        flight stays `processing` in the queue and is redone at the next start."""
+        self._stop.set()
+        for lane in LANES:
+            self.queue.wake[lane].set()
+        end = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
+        self.bus.close()  # fails any call still waiting, so its stage can end
+        return not any(t.is_alive() for t in self._threads)
+
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads) or self._stop.is_set()
+
+    # ---- file events (from the watcher's thread) -----------------------------------
+
+    def file_ready(self, path: str, collection: str, st: os.stat_result) -> None:
+        if self.queue.seen(path, collection, lane_of(Path(path)), st.st_size, st.st_mtime_ns):
+            log.info("queued %s (collection %s, %d bytes)", path, collection, st.st_size)
+
+    def file_gone(self, path: str) -> None:
+        """A file, or a folder with every file under it, left its inbox."""
+        with self.lock:
+            ids = [(int(i), str(p)) for i, p in self.writer.db.execute(
+                "SELECT id, path FROM files WHERE path = ? OR path LIKE ? ESCAPE '\\'",
+                (path, _like_prefix(path)))]
+            for file_id, p in ids:
+                self.writer.remove_file(file_id)
+                self.counters.removed += 1
+                log.info("removed %s from the index (the file is gone)", p)
+
+    # ---- stage 1: claim, read, chunk ----------------------------------------------
+
+    def _lane(self, lane: str) -> None:
+        wake = self.queue.wake[lane]
+        me = threading.current_thread().name
+        while not self._stop.is_set():
+            try:
+                job = self.queue.claim(lane)
+            except Exception:
+                log.exception("cannot claim a job")
+                self._stop.wait(WAIT_S)
+                continue
+            if job is None:
+                due = self.queue.next_due(lane)
+                wait = WAIT_S if due is None else min(WAIT_S, max(0.01, due - time.time()))
+                wake.wait(wait)
+                wake.clear()
+                continue
+            self.busy[me] = job.path
+            try:
+                prepared = self._prepare(job)
+                if prepared is not None:
+                    self._put(self.embed_q, prepared)
+            except Exception as exc:
+                self._failed(job, exc)
+            finally:
+                self.busy.pop(me, None)
+
+    def _prepare(self, job: Job) -> Prepared | None:
+        started = time.monotonic()
+        path = Path(job.path)
+        try:
+            before = path.stat()
+        except FileNotFoundError:
+            raise Stale("the file is gone") from None
+        if before.st_size > self.s.max_file_bytes:
+            raise Permanent(f"file is {before.st_size} bytes; the limit is {self.s.max_file_bytes} "
+                            "([ingest] max_file_bytes)")
+        if before.st_size == 0:
+            raise Permanent("empty file")
+        sha = sha256_of(path)
+        self.queue.set_hash(job, sha)
+        with self.lock:
+            existing = self.writer.document_for(job.collection, sha)
+            if existing is not None:
+                if self.queue.current(job):
+                    self.writer.link(job.id, existing)
+                    self.counters.duplicates += 1
+                    log.info("%s: same bytes as document %d, indexed once", job.path, existing)
+                return None
+        cached = self.cache.get(sha)
+        if cached is None:
+            with open(path, "rb") as f:
+                head = f.read(64)
+            kind = parse.kind_of(path, head)
+            if kind is None:
+                raise Permanent(f"unsupported file type ({path.suffix or 'no extension'}, starts with {head[:8]!r})")
+            if kind in OCR_LANE_KINDS:
+                parsed = self._ocr(job)
+            else:
+                parsed = parse.to_markdown(path, kind, self.s.max_file_bytes)
+            after = path.stat()
+            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                raise Stale("the file changed while it was read")
+            cached = self.cache.put(sha, parsed.markdown, parsed.title, parsed.pages, kind)
+        chunks = chunking.chunk_markdown(cached.markdown, self.tokenizer.count, self.chunk_tokens, self.overlap)
+        if not chunks:
+            raise Permanent("no text found (an empty document, or a scan OCR could not read)")
+        doc = NewDocument(collection=job.collection, sha256=sha, title=cached.title, kind=cached.kind,
+                          pages=cached.pages, bytes=before.st_size, markdown=str(cached.path))
+        return Prepared(job, doc, chunks, started)
+
+    def _ocr(self, job: Job) -> parse.Parsed:
+        if not self.ocr_enabled:
+            raise Permanent("PDFs and images need the OCR daemon, which is off ([ocr] enabled = false)")
+        pages: list[str] = []
+        final: dict[str, Any] = {}
+        for kind, data in self.bus.call("ocr", {"path": job.path}, timeout=self.s.call_timeout_s):
+            if kind == "partial":
+                pages.append(str(data.get("markdown", "")))
+            else:
+                final = data
+        self.counters.ocr_pages += len(pages)
+        markdown = "".join(pages)
+        title = _first_line(markdown) or Path(job.path).stem
+        return parse.Parsed(markdown=markdown, title=title, pages=int(final.get("pages", len(pages)) or len(pages)))
+
+    # ---- stage 2: embed ------------------------------------------------------------
+
+    def _embed(self, item: Prepared) -> None:
+        texts = [c.text for c in item.chunks]
+        rows: list[np.ndarray] = []
+        for start in range(0, len(texts), self.s.embed_batch):
+            batch = texts[start:start + self.s.embed_batch]
+            parts, final = self.bus.call(self.embed_service, {"input": batch}, timeout=self.s.call_timeout_s).result()
+            dim = int(final["dim"])
+            for part in sorted(parts, key=lambda p: int(p["index"])):
+                rows.append(np.frombuffer(part["vectors"], dtype="<f4").reshape(int(part["count"]), dim))
+            if self._stop.is_set():
+                raise Stale("stopping")
+        item.vectors = np.vstack(rows)
+        self._put(self.store_q, item)
+
+    # ---- stage 3: store ------------------------------------------------------------
+
+    def _store(self, item: Prepared) -> None:
+        assert item.vectors is not None
+        new_chunks = [NewChunk(c.seq, c.text, c.heading, c.page, c.page_end, c.tokens) for c in item.chunks]
+        with self.lock:
+            if not self.queue.current(item.job):
+                log.info("%s changed while it was indexed: its newer version is queued", item.job.path)
+                return
+            doc_id = self.writer.replace(item.job.id, item.doc, new_chunks, item.vectors)
+        self.counters.indexed += 1
+        self.counters.chunks += len(new_chunks)
+        now = time.monotonic()
+        self.counters.recent.append(now)
+        while self.counters.recent and now - self.counters.recent[0] > 60:
+            self.counters.recent.popleft()
+        log.info("indexed %s as document %d: %d chunk(s), %s page(s), %.2f s", item.job.path, doc_id,
+                 len(new_chunks), item.doc.pages, now - item.started)
+
+    # ---- shared --------------------------------------------------------------------
+
+    def _stage(self, inbox: queue_mod.Queue[Prepared], work: Callable[[Prepared], None]) -> None:
+        while not self._stop.is_set():
+            try:
+                item = inbox.get(timeout=WAIT_S)
+            except queue_mod.Empty:
+                continue
+            try:
+                work(item)
+            except Exception as exc:
+                self._failed(item.job, exc)
+
+    def _put(self, q: queue_mod.Queue[Prepared], item: Prepared) -> None:
+        while True:
+            try:
+                q.put(item, timeout=WAIT_S)
+                return
+            except queue_mod.Full:
+                if self._stop.is_set():
+                    raise Stale("stopping") from None
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        if isinstance(exc, Stale):
+            if self._stop.is_set():
+                return  # left `processing`: redone at the next start
+            with self.lock:
+                if self.queue.current(job) and not Path(job.path).exists():
+                    self.writer.remove_file(job.id)
+            log.info("%s: %s", job.path, exc)
+            return
+        permanent = isinstance(exc, (Permanent, parse.ParseError))
+        if isinstance(exc, RemoteError) and exc.code in (400, 413, 415, 422):
+            permanent = True  # the OCR daemon says this file cannot be read (corrupt, a bomb...)
+        if isinstance(exc, (Permanent, parse.ParseError, BusError)):
+            reason = str(exc)
+        else:
+            log.exception("%s: unexpected failure", job.path)
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+        try:
+            outcome = self.queue.fail(job, reason, permanent)
+        except Exception:
+            log.exception("%s: cannot record the failure (the job is retried at the next start)", job.path)
+            return
+        if outcome == "quarantined":
+            self.counters.quarantined += 1
+            log.warning("quarantined %s: %s", job.path, reason)
+        elif outcome == "retry":
+            self.counters.retried += 1
+            log.warning("%s failed (attempt %d of %d), retried in %.0f s: %s", job.path, job.attempts,
+                        self.s.max_attempts, self.queue.retry.delay(job.attempts), reason)
+
+    def status_map(self) -> dict[str, Any]:
+        c = self.counters
+        return {"indexed": c.indexed, "duplicates": c.duplicates, "removed": c.removed, "retried": c.retried,
+                "quarantined": c.quarantined, "chunks": c.chunks, "ocr_pages": c.ocr_pages,
+                "files_per_min": len(c.recent), "embed_queue": self.embed_q.qsize(), "store_queue": self.store_q.qsize(),
+                "busy": dict(self.busy)}
+
+
+def _like_prefix(path: str) -> str:
+    escaped = path.rstrip("/").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "/%"
+
+
+def _first_line(markdown: str) -> str:
+    for line in markdown.splitlines():
+        line = line.strip().lstrip("#").strip()
+        if line and not line.startswith("<!--"):
+            return line[:200]
+    return ""
