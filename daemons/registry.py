@@ -104,7 +104,7 @@ EMBED = Daemon(
 
 OCR = Daemon(
     name="ocr", module="daemons.ocr.main", summary="run the OCR daemon (tesseract, a pool of processes)",
-    unit="onebox-ocr.service", sections=(*CORE, "ocr"), service="ocr", placement="background",
+    unit="onebox-ocr.service", sections=(*CORE, "ocr", "collections"), service="ocr", placement="background",
     enabled=lambda config: config.ocr.enabled,
 )
 

@@ -114,7 +114,7 @@ def test_a_mixed_folder_becomes_searchable_and_citable(isuite: Suite) -> None:
         assert names(search(c, "Skerryvore", collection="docs", mode="text")) == ["page.html"]
         assert search(c, "scriptword", mode="text") == []  # scripts are not text
         sphinx = search(c, "sphinx of black quartz judge my vow", collection="docs")
-        assert names(sphinx)[0] == "scan.pdf" and sphinx[0]["page"] == 2
+        assert names(sphinx)[0] == "scan.pdf" and sphinx[0]["page"] <= 2 <= sphinx[0]["page_end"]
         assert names(search(c, "discotheques provide jukeboxes", collection="docs"))[0] == "photo.png"
         r = c.post("/v1/chat/completions", json={
             "model": "smollm2", "max_tokens": 24, "temperature": 0,
@@ -224,13 +224,17 @@ def test_bad_files_are_quarantined_with_a_reason(isuite: Suite) -> None:
 
 def test_hybrid_search_finds_rare_terms_and_paraphrases(isuite: Suite) -> None:
     folder = inbox(isuite, "bulk")
+    # The part number is one detail of a longer text; other files hold look-alike codes,
+    # which is what the embedding of a bare code is near. BM25 matches the exact token.
     docs = {
-        "pump.txt": "Service bulletin: replace the coolant pump seal kit QZ7781X during the annual inspection.",
+        "pump.txt": "Service bulletin for the cooling circuit. During the annual inspection the technician drains "
+                    "the loop, checks the hoses for cracks, replaces the seal kit QZ7781X on the coolant pump and "
+                    "refills with fresh glycol before the pressure test.",
+        "codes.txt": "Catalogue codes QZ7718X, QZ1877X, XQ7781Z and QZ8771Y.",
+        "codes2.txt": "Order references: QX7781Z, ZQ7781X-B, QZ-7781.",
         "vet.txt": "Veterinarians recommend vaccinating young dogs and walking them twice daily.",
         "bread.txt": "Knead the dough for ten minutes, then let it rise until doubled in size.",
         "tax.txt": "File the quarterly return before the end of the month to avoid penalties.",
-        "stars.txt": "The telescope resolved the binary star system into two separate points of light.",
-        "garden.txt": "Tomatoes need full sun, regular watering and a stake to climb.",
     }
     for name, text in docs.items():
         (folder / name).write_text(text + "\n")

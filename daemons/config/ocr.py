@@ -43,7 +43,8 @@ class OcrConfig:
     queue: int = setting(64, "Documents waiting for a worker; one more is refused with 503.", ge=0, le=100_000)
     allowed_dirs: tuple[str, ...] = setting(
         (), "Only files whose real path (symlinks and .. resolved) lies under one of these are read;\n"
-            "empty means the state directory (its inbox/ and the router's uploads).")
+            "empty means the state directory (its inbox/ and the router's uploads) and every\n"
+            "[collections.NAME] folder.")
     min_text_chars: int = setting(
         32, "A PDF page's text layer is used instead of OCR when it has at least this many visible\n"
             "characters and this share of its words look like words (a scanner's invisible layer of\n"

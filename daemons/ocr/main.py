@@ -27,7 +27,9 @@ def load(loading: serve.Loading) -> serve.Served:
         check_languages(oc.languages, oc.tesseract_cmd)
     except RequestError as exc:
         raise serve.LoadError(f"config error: ocr.languages: {exc.message}") from None
-    allowed = oc.allowed_dirs or (config.paths.state_dir,)
+    # By default: the state dir (its inbox/ and the router's uploads) and every
+    # collection's inbox folder, wherever it is.
+    allowed = oc.allowed_dirs or (config.paths.state_dir, *(str(p) for p in config.collection_dirs().values()))
     settings = dataclasses.replace(oc, allowed_dirs=tuple(allowed))
     log.info("OCR: %d worker(s) at nice %d, %d dpi, languages %s (installed: %s), files under %s",
              oc.workers, oc.nice, oc.dpi, oc.languages, ", ".join(sorted(installed_languages(oc.tesseract_cmd))),
