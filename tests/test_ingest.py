@@ -252,6 +252,30 @@ def test_hybrid_search_finds_rare_terms_and_paraphrases(isuite: Suite) -> None:
         (folder / name).unlink()
 
 
+def test_search_never_waits_for_the_writer(isuite: Suite) -> None:
+    """A write transaction held open on index.db (as ingestion holds one while storing a
+    big document) does not delay the router's reads."""
+    writer = Database(isuite.dir / "state" / "index.db", busy_timeout_ms=30_000)
+    try:
+        with writer.transaction(), isuite.client() as c:
+            writer.execute("UPDATE meta SET value = value WHERE key = 'dims'")
+            t0 = time.monotonic()
+            for _ in range(5):
+                r = c.post("/v1/search", json={"query": "quokkaberry", "mode": "text"})
+                assert r.status_code == 200, r.text
+            assert time.monotonic() - t0 < 2.0
+    finally:
+        writer.close()
+
+
+def test_ingest_status_is_on_the_bus(isuite: Suite) -> None:
+    with isuite.client() as c:
+        services = c.get("/v1/status").json()["services"]
+    (ingest,) = [s for name, s in services.items() if name == "ingest"]
+    files_ = ingest["workers"][0]["files"]
+    assert files_["indexed"] > 0 and set(files_) == {"queued", "processing", "indexed", "quarantined"}
+
+
 def test_kill9_mid_batch_then_restart_indexes_every_file_exactly_once(isuite: Suite) -> None:
     folder = inbox(isuite, "bulk") / "batch"
     folder.mkdir()
