@@ -4,6 +4,7 @@ client over the Unix socket (or TCP with --url), and every failure as one plain 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import httpx
 
 from daemons import config as config_mod
 from daemons.config import Config
+from daemons.ctl import up
 
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
@@ -32,7 +34,8 @@ class APIError(Exception):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="config file (default: $ONEBOX_CONFIG or /etc/onebox/onebox.toml)")
+    parser.add_argument("--config", help="config file (default: $ONEBOX_CONFIG, else /etc/onebox/onebox.toml, "
+                                         "else the suite `onebox up` runs from this checkout)")
     parser.add_argument("--url", help="reach the router over TCP (e.g. http://127.0.0.1:8080, see router.tcp) "
                                       "instead of its Unix socket")
 
@@ -184,7 +187,11 @@ class API:
 
 
 def load_config(path: str | None) -> Config:
-    """The sections the tools read (sockets and collections); raises ConfigError."""
+    """The sections the tools read (sockets and collections); raises ConfigError.
+    With no --config, no $ONEBOX_CONFIG and no /etc/onebox/onebox.toml, the suite is the
+    one `onebox up` runs from this checkout (its config, ./var/run and ./var/lib)."""
+    if path is None and not os.environ.get("ONEBOX_CONFIG") and not config_mod.DEFAULT_CONFIG.exists():
+        return config_mod.load(up.default_config(), up.dev_env(dict(os.environ)), sections=SECTIONS)
     return config_mod.load(path, sections=SECTIONS)
 
 

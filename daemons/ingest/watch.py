@@ -82,6 +82,16 @@ def needs_polling(path: Path) -> bool:
     return kind in NETWORK_FS or kind.startswith("fuse")
 
 
+def make_inbox(folder: Path) -> None:
+    """Create a missing inbox folder (and missing parents) group-writable with the setgid
+    bit: members of the daemon's group (onebox) can drop files in, and those files belong
+    to the group, so the daemon can read them whatever the dropper's umask."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in missing:
+        os.chmod(p, 0o2770)
+
+
 @dataclass
 class Pending:
     collection: str
@@ -121,7 +131,7 @@ class Watcher:
         last recorded): new and changed files become pending, missing ones are gone."""
         handler = _Handler(self)
         for name, folder in self.folders.items():
-            folder.mkdir(parents=True, exist_ok=True)
+            make_inbox(folder)
             polling = self.mode == "poll" or (self.mode == "auto" and needs_polling(folder))
             observer: BaseObserver = PollingObserver(timeout=self.poll_interval_s) if polling else Observer()
             observer.schedule(handler, str(folder), recursive=True)
