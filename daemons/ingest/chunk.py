@@ -38,7 +38,7 @@ _PAGE = re.compile(r"<!-- page (\d+) -->")
 _ATX = re.compile(r" {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*")
 _SETEXT = re.compile(r" {0,3}(=+|-+)[ \t]*")
 _BREAK = re.compile(r" {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*")
-_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
+_FENCE = re.compile(r" {0,3}(`{3,}(?=[^`]*$)|~{3,})")  # "```code```" on one line is no fence
 _ITEM = re.compile(r"[ \t]*(?:[-*+]|(\d{1,9})[.)])(?:[ \t]|$)")
 _SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*\s+|\n\s*")
 _LINE_END = re.compile(r"\n")
@@ -122,7 +122,8 @@ class _Parser:
             elif _BREAK.fullmatch(line) or not line.strip():
                 self.flush()
                 self.blank = True
-            elif (item := _ITEM.match(line)) and not (self.open and item.group(1) not in (None, "1")):
+            elif (item := _ITEM.match(line)) and not (self.open and not self.open_item
+                                                      and item.group(1) not in (None, "1")):
                 # As in CommonMark, only "1." starts a numbered list inside a paragraph
                 # (else "2024. It was..." wrapped onto a new line would be a list item).
                 self.flush()
@@ -142,8 +143,8 @@ class _Parser:
         self.blank = False
 
     def flush(self) -> None:
-        text = "\n".join(self.open).rstrip()
-        if text.strip():
+        text = "\n".join(self.open).strip()
+        if text:
             section = len(self.sections) - 1
             last = self.blocks[-1] if self.blocks else None
             tight = (self.open_item and not self.open_after_blank and last is not None and last[2] == section
@@ -182,7 +183,7 @@ class _Parser:
 
         def emit(closed: bool) -> None:
             if any(line.strip() for line in body):
-                text = "\n".join([opener, *body] + ([mark] if closed else []))
+                text = "\n".join([opener, *body] + ([mark] if closed else [])).rstrip()
                 self.blocks.append((text, self.page, len(self.sections) - 1, "\n\n", True))
 
         for line in lines:
@@ -239,7 +240,11 @@ class _Packer:
                 queue.extendleft(reversed(taken))
                 margin += tokens - self.size
                 if budget - margin < 1:
-                    raise RuntimeError(f"cannot fit text into {self.size} tokens: {text[:80]!r}")
+                    if not head:
+                        raise RuntimeError(f"cannot fit text into {self.size} tokens: {text[:80]!r}")
+                    # Not one character fits beside the trail (a tiny size, a byte-level
+                    # vocabulary): this chunk goes without its trail line.
+                    head, budget, margin = "", self.size, 0
             chunks.append(Chunk(seq + len(chunks), text, self.sections[section].trail, body[0].page, body[-1].page,
                                 tokens))
             last_line = max((i for i, p in enumerate(body) if p.line), default=-1)
@@ -310,12 +315,15 @@ class _Packer:
                 k = _slice(len(text), target, tokens, counted) or 1
         if not k:
             return False
-        if k >= len(text):  # its token count was an estimate, and it fits after all
+        if k >= len(text) or not text[k:].strip():  # an estimate said it did not fit, but it does
+            k = len(text)
             queue[0] = replace(piece, tokens=tokens(k), exact=True)
             return True
         head_tokens = tokens(k)
-        queue[0] = replace(piece, text=text[k:], tokens=max(1, piece.tokens - head_tokens), sep="", exact=False)
-        queue.appendleft(replace(piece, text=text[:k], tokens=head_tokens))
+        rest = text[k:].lstrip()  # a cut at a character may land before a space
+        queue[0] = replace(piece, text=rest, tokens=max(1, piece.tokens - head_tokens), exact=False,
+                           sep=text[k:len(text) - len(rest)])
+        queue.appendleft(replace(piece, text=text[:k], tokens=head_tokens, exact=True))
         return True
 
     def exact(self, queue: deque[_Piece], room: int) -> _Piece:
@@ -360,12 +368,13 @@ class _Packer:
         longer than half a chunk is cut there."""
         cached = self._heads.get(section)
         if cached is None:
+            # Counted with the blank line after it, which is a token in some vocabularies.
             trail = self.sections[section].trail
-            tokens = self.count(trail) if trail else 0
+            tokens = self.count(trail + "\n\n") if trail else 0
             if tokens > self.size // 2:
-                k = _gallop(range(1, len(trail) + 1), lambda e: self.count(trail[:e]) <= self.size // 2) or 1
-                trail = trail[:k].rstrip()
-                tokens = self.count(trail)
+                k = _gallop(range(1, len(trail) + 1), lambda e: self.count(trail[:e] + "\n\n") <= self.size // 2)
+                trail = trail[:k or 1].rstrip()
+                tokens = self.count(trail + "\n\n")
             cached = self._heads[section] = (trail, tokens)
         return cached
 
@@ -387,7 +396,7 @@ def _boundaries(text: str, pattern: re.Pattern[str], fits: Callable[[int], bool]
     while start < len(text):
         end = min(len(text), start + width)
         for m in pattern.finditer(text, start, end):
-            if m.end() < len(text):
+            if 0 < m.start() and m.end() < len(text):  # a head of only indentation is no head
                 yield m.end()
         if end >= len(text) or not fits(end):
             return
@@ -445,11 +454,12 @@ def _slice(length: int, target: int, tokens: Callable[[int], int], counted: dict
                 return length
             hi = length
     slack = target // 16
+    aim = target - slack // 2  # just under: one probe usually lands within the slack
     while hi - lo > 1:
         n_lo = tokens(lo) if lo else 0
         if n_lo >= target - slack:
             break
-        step = (target - n_lo) * (hi - lo) // max(1, tokens(hi) - n_lo)
+        step = (aim - n_lo) * (hi - lo) // max(1, tokens(hi) - n_lo)
         quarter = (hi - lo) // 4
         e = lo + min(max(step, quarter, 1), hi - lo - 1)  # at least a quarter: no crawl
         if tokens(e) <= target:
@@ -460,5 +470,5 @@ def _slice(length: int, target: int, tokens: Callable[[int], int], counted: dict
 
 
 def _join(head: str, body: list[_Piece]) -> str:
-    text = "".join([body[0].text] + [p.sep + p.text for p in body[1:]]).rstrip()
+    text = "".join([body[0].text] + [p.sep + p.text for p in body[1:]]).strip()
     return f"{head}\n\n{text}" if head else text

@@ -263,7 +263,11 @@ def _check_zip(path: Path, max_bytes: int) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             members = zf.infolist()
-    except zipfile.BadZipFile:
+    except zipfile.BadZipFile as exc:
+        with path.open("rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+        if zipped:  # a zip's directory is at its end: a truncated copy has none
+            raise ParseError(f"corrupt .docx: truncated or damaged zip ({exc})") from None
         raise ParseError("not a .docx (not a zip file)") from None
     except (OSError, ValueError, EOFError) as exc:
         raise ParseError(f"corrupt .docx: {exc}") from None
