@@ -7,11 +7,13 @@ What holds for every chunk:
 - `tokens` counts its whole `text`, heading trail included, and is at most `size`: the
   final text is counted once more, because the counts of two pieces need not add up to
   the count of the pieces joined (it does for WordPiece; byte-level BPE may differ).
-- `text` starts with the heading trail ("Install > From source") when it has one, and
-  a heading is never apart from its body: a heading with nothing under it before the
-  next one only lives on in the trails of its subsections.
+- `text` starts with the heading trail ("Install > From source") when it has one (cut
+  to half a chunk if longer; `heading` keeps it whole), and a heading is never apart
+  from its body: a heading with nothing under it before the next one only lives on in
+  the trails of its subsections (a document of nothing but headings is their text).
 - chunks never span a top-level section (a # or ## heading); smaller subsections
-  (### and deeper) are packed together, their headings kept inline as written.
+  (### and deeper) are packed together, their headings kept inline as written, and
+  `heading` is the trail of the section a chunk starts in.
 - `page`/`page_end` are the first and last pages its text comes from, read from the
   OCR daemon's `<!-- page N -->` lines (which are not chunk text); None when the
   document has none.

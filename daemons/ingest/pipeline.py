@@ -80,7 +80,7 @@ def lane_of(path: Path) -> str:
     """Which lane a file goes to, from its name and first bytes."""
     try:
         with open(path, "rb") as f:
-            head = f.read(64)
+            head = f.read(parse.HEAD_BYTES)
     except OSError:
         head = b""
     return "ocr" if parse.kind_of(path, head) in OCR_LANE_KINDS else "text"
@@ -212,10 +212,10 @@ class Pipeline:
         cached = self.cache.get(sha)
         if cached is None:
             with open(path, "rb") as f:
-                head = f.read(64)
+                head = f.read(parse.HEAD_BYTES)
             kind = parse.kind_of(path, head)
             if kind is None:
-                raise Permanent(f"unsupported file type ({path.suffix or 'no extension'}, starts with {head[:8]!r})")
+                raise parse.unsupported(path, head)
             if kind in OCR_LANE_KINDS:
                 parsed = self._ocr(job)
             else:
