@@ -47,9 +47,15 @@ class IngestConfig:
     text_workers: int = setting(2, "Files parsed at once (text, markdown, HTML, docx).", ge=1, le=64)
     ocr_workers: int = setting(1, "PDFs and images read at once through the OCR daemon (in their own lane, so a\n"
                                   "300-page scan never holds up small text files).", ge=1, le=64)
-    embed_batch: int = setting(64, "Chunks per call to the embedding daemon.", ge=1, le=2048)
+    embed_batch: int = setting(16, "Chunks per call to the embedding daemon (a chat arriving meanwhile waits for\n"
+                                   "at most one call: see yield_to_inference).", ge=1, le=2048)
     queue: int = setting(8, "Documents waiting between two stages (parse -> embed -> store); a full queue\n"
                             "makes the stage before it wait, so memory stays bounded.", ge=1, le=1024)
+    yield_to_inference: bool = setting(
+        True, "Wait before each embedding batch and OCR document while any inference daemon has\n"
+              "requests in flight (on a small box they share cores, and a decode step stalls when one\n"
+              "of its threads is kept off its core).")
+    max_yield_s: float = setting(10.0, "Longest such a wait: under constant chat load ingestion still moves.", gt=0)
     call_timeout_s: float = setting(3600.0, "Deadline of one OCR document or embedding call.", gt=0)
     nice: int = setting(10, "Niceness of the daemon: ingestion yields the CPU to the request path.", ge=0, le=19)
     shutdown_timeout_s: float = setting(10.0, "On SIGTERM: finish the current step for this long, then stop; unfinished\n"

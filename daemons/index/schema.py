@@ -86,6 +86,9 @@ CREATE TABLE files (
 CREATE INDEX files_ready ON files (state, lane, next_at);
 CREATE INDEX files_document ON files (document_id);
 """),
+    # Document frequencies of the full-text terms: search drops a query's very common
+    # words (search.py) instead of walking posting lists that hold most of the index.
+    Migration("0002-fts-vocab", "CREATE VIRTUAL TABLE chunks_vocab USING fts5vocab(chunks_fts, 'row')"),
 )
 
 STATES = ("queued", "processing", "indexed", "quarantined")

@@ -28,6 +28,8 @@ from daemons.store import Database
 
 MODES = ("hybrid", "vector", "text")
 MAX_QUERY_TERMS = 32
+COMMON_SHARE = 0.05
+VERY_COMMON_SHARE = 0.2
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -40,11 +42,14 @@ class Fusion:
     rescore: int = 8  # binary mode: Hamming candidates per exact result
 
 
-def fts_query(text: str) -> str | None:
-    """The user's words as an FTS5 query of quoted terms joined by OR (so any word can
-    match and BM25 ranks by how many and how rare); None when there are no words.
-    Quoting makes FTS5 syntax in the query (AND, NEAR, *, :) plain text."""
-    terms = list(dict.fromkeys(t.lower() for t in _WORD.findall(text)))[:MAX_QUERY_TERMS]
+def query_terms(text: str) -> list[str]:
+    return list(dict.fromkeys(t.lower() for t in _WORD.findall(text)))[:MAX_QUERY_TERMS]
+
+
+def fts_query(terms: list[str]) -> str | None:
+    """Terms as an FTS5 query of quoted terms joined by OR (so any word can match and BM25
+    ranks by how many and how rare); None when there are none. Quoting makes FTS5 syntax
+    in the query (AND, NEAR, *, :) plain text."""
     if not terms:
         return None
     return " OR ".join(f'"{t}"' for t in terms)
@@ -57,14 +62,17 @@ class Searcher:
     def knn_mode(self) -> str | None:
         return schema.meta(self.db, "knn_mode")
 
-    def vector_ranking(self, vector: np.ndarray, collection: str | None, n: int, fusion: Fusion) -> list[tuple[int, float]]:
-        """(chunk id, cosine distance), nearest first."""
+    def vector_ranking(self, vector: np.ndarray, collection: str | None, n: int, fusion: Fusion,
+                       k: int | None = None) -> list[tuple[int, float]]:
+        """(chunk id, cosine distance), nearest first: n of them, the first k (all, by
+        default) from `rescore` times as many binary candidates. (sqlite-vec's top-k scan
+        costs about N x k, so the pool is sized by the k that is shown, not by n.)"""
         mode = self.knn_mode()
         if mode is None:
             return []
         q = np.ascontiguousarray(vector, dtype="<f4")
         blob = q.tobytes()
-        want = n * fusion.rescore if mode == "binary" else n
+        want = max(n, (k or n) * fusion.rescore) if mode == "binary" else n
         where = " AND collection = ?" if collection is not None else ""
         args: tuple[Any, ...] = (blob, want) + ((collection,) if collection is not None else ())
         rows = self.db.all(
@@ -81,9 +89,10 @@ class Searcher:
         order = np.argsort(dist, kind="stable")[:n]
         return [(int(found[i][0]), float(dist[i])) for i in order]
 
-    def text_ranking(self, text: str, collection: str | None, n: int) -> list[tuple[int, float]]:
+    def text_ranking(self, text: str, collection: str | None, n: int,
+                     beside_vectors: bool = False) -> list[tuple[int, float]]:
         """(chunk id, BM25 score: lower is better, as FTS5 gives it), best first."""
-        query = fts_query(text)
+        query = fts_query(self.selective(query_terms(text), beside_vectors))
         if query is None:
             return []
         query = f"text : ({query})"
@@ -92,6 +101,26 @@ class Searcher:
         rows = self.db.all("SELECT rowid, bm25(chunks_fts, 1.0, 0.0) AS s FROM chunks_fts "
                            "WHERE chunks_fts MATCH ? ORDER BY s LIMIT ?", (query, n))
         return [(int(r), float(s)) for r, s in rows]
+
+    def selective(self, terms: list[str], beside_vectors: bool = False) -> list[str]:
+        """The terms worth matching: those in at most COMMON_SHARE of the chunks, else the
+        rarest one. A word in most chunks adds almost nothing to BM25 (its IDF is near
+        zero) but costs the most: its whole posting list is walked and scored. Beside a
+        vector search (hybrid), a query of nothing but very common words (the rarest in
+        over VERY_COMMON_SHARE of the chunks) has no lexical signal worth that cost: the
+        vectors rank it alone. Terms the index has never seen are kept (they cost nothing)."""
+        total = int(self.db.value("SELECT max(id) FROM chunks", default=0) or 0)
+        if not terms or total < 1000:  # a small index: everything is cheap
+            return terms
+        found = {str(t): int(d) for t, d in self.db.all(
+            f"SELECT term, doc FROM chunks_vocab WHERE term IN ({','.join('?' * len(terms))})", terms)}
+        keep = [t for t in terms if found.get(t, 0) <= COMMON_SHARE * total]
+        if keep:
+            return keep
+        rarest = min(terms, key=lambda t: found.get(t, 0))
+        if beside_vectors and found.get(rarest, 0) > VERY_COMMON_SHARE * total:
+            return []
+        return [rarest]
 
     def search(self, *, text: str, vector: np.ndarray | None, collection: str | None = None, k: int = 10,
                mode: str = "hybrid", fusion: Fusion = Fusion()) -> list[dict[str, Any]]:
@@ -109,12 +138,12 @@ class Searcher:
         if mode in ("hybrid", "vector"):
             if vector is None:
                 raise ValueError("a vector search needs the query's vector")
-            for rank, (cid, dist) in enumerate(self.vector_ranking(vector, collection, n, fusion), 1):
+            for rank, (cid, dist) in enumerate(self.vector_ranking(vector, collection, n, fusion, k), 1):
                 scores[cid] = scores.get(cid, 0.0) + (fusion.vector_weight / (fusion.rrf_k + rank)
                                                       if mode == "hybrid" else 1.0 - dist)
                 detail.setdefault(cid, {})["vector"] = {"rank": rank, "distance": round(dist, 6)}
         if mode in ("hybrid", "text"):
-            for rank, (cid, bm25) in enumerate(self.text_ranking(text, collection, n), 1):
+            for rank, (cid, bm25) in enumerate(self.text_ranking(text, collection, n, mode == "hybrid"), 1):
                 scores[cid] = scores.get(cid, 0.0) + (fusion.text_weight / (fusion.rrf_k + rank)
                                                       if mode == "hybrid" else -bm25)
                 detail.setdefault(cid, {})["text"] = {"rank": rank, "bm25": round(-bm25, 6)}

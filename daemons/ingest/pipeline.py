@@ -38,6 +38,7 @@ from daemons.index.write import IndexWriter, NewChunk, NewDocument
 from daemons.ingest import chunk as chunking
 from daemons.ingest import parse
 from daemons.ingest.cache import MarkdownCache
+from daemons.ingest.gate import InferenceGate
 from daemons.ingest.queue import LANES, Job, JobQueue
 from daemons.ingest.tokens import Tokenizer
 
@@ -103,6 +104,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.cache = cache
         self.ocr_enabled = ocr_enabled
+        self.gate = InferenceGate(bus, settings.max_yield_s, settings.yield_to_inference)
         # What one chunk may hold: the setting, cut to what the model embeds whole.
         self.chunk_tokens = max(8, min(settings.chunk_tokens, tokenizer.n_ctx_train - tokenizer.specials))
         self.overlap = min(settings.chunk_overlap, self.chunk_tokens // 2)
@@ -236,6 +238,7 @@ class Pipeline:
             raise Permanent("PDFs and images need the OCR daemon, which is off ([ocr] enabled = false)")
         pages: list[str] = []
         final: dict[str, Any] = {}
+        self.gate.wait(self._stop)
         for kind, data in self.bus.call("ocr", {"path": job.path}, timeout=self.s.call_timeout_s):
             if kind == "partial":
                 pages.append(str(data.get("markdown", "")))
@@ -253,6 +256,7 @@ class Pipeline:
         rows: list[np.ndarray] = []
         for start in range(0, len(texts), self.s.embed_batch):
             batch = texts[start:start + self.s.embed_batch]
+            self.gate.wait(self._stop)
             parts, final = self.bus.call(self.embed_service, {"input": batch}, timeout=self.s.call_timeout_s).result()
             dim = int(final["dim"])
             for part in sorted(parts, key=lambda p: int(p["index"])):
@@ -337,7 +341,7 @@ class Pipeline:
         c = self.counters
         return {"indexed": c.indexed, "duplicates": c.duplicates, "removed": c.removed, "retried": c.retried,
                 "quarantined": c.quarantined, "chunks": c.chunks, "ocr_pages": c.ocr_pages,
-                "files_per_min": len(c.recent), "embed_queue": self.embed_q.qsize(), "store_queue": self.store_q.qsize(),
+                "files_per_min": len(c.recent), "yielded_s": round(self.gate.waited_s, 1), "embed_queue": self.embed_q.qsize(), "store_queue": self.store_q.qsize(),
                 "busy": dict(self.busy)}
 
 
