@@ -55,7 +55,7 @@ class IngestConfig:
         True, "Wait before each embedding batch and OCR document while any inference daemon has\n"
               "requests in flight (on a small box they share cores, and a decode step stalls when one\n"
               "of its threads is kept off its core).")
-    max_yield_s: float = setting(10.0, "Longest such a wait: under constant chat load ingestion still moves.", gt=0)
+    max_yield_s: float = setting(30.0, "Longest such a wait: under constant chat load ingestion still moves.", gt=0)
     call_timeout_s: float = setting(3600.0, "Deadline of one OCR document or embedding call.", gt=0)
     nice: int = setting(10, "Niceness of the daemon: ingestion yields the CPU to the request path.", ge=0, le=19)
     shutdown_timeout_s: float = setting(10.0, "On SIGTERM: finish the current step for this long, then stop; unfinished\n"

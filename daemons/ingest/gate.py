@@ -11,7 +11,7 @@ So before each embedding batch and each OCR document the pipeline asks the gate,
 reads the broker's view of every worker (`mmi.status`, at most every `POLL_S`): while
 any inference worker has requests in flight, ingestion waits. A wait ends after
 `max_wait_s` even if inference stays busy, so under constant load ingestion still
-moves, one batch at a time, instead of starving.
+moves, a small batch at a time (a quarter of embed_batch), instead of starving.
 """
 
 from __future__ import annotations
@@ -59,11 +59,13 @@ class InferenceGate:
                     self._busy = False
             return self._busy
 
-    def wait(self, stop: threading.Event) -> None:
-        """Return once inference is idle, or after max_wait_s, or on stop."""
+    def wait(self, stop: threading.Event) -> bool:
+        """Return once inference is idle (True), or after max_wait_s or on stop (False:
+        inference is still busy, so the caller does as little as it can at a time)."""
         if not self.enabled:
-            return
+            return True
         started = time.monotonic()
-        while self.busy() and not stop.is_set() and time.monotonic() - started < self.max_wait_s:
+        while (busy := self.busy()) and not stop.is_set() and time.monotonic() - started < self.max_wait_s:
             stop.wait(POLL_S)
         self.waited_s += time.monotonic() - started
+        return not busy

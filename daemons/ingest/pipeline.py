@@ -254,9 +254,12 @@ class Pipeline:
     def _embed(self, item: Prepared) -> None:
         texts = [c.text for c in item.chunks]
         rows: list[np.ndarray] = []
-        for start in range(0, len(texts), self.s.embed_batch):
-            batch = texts[start:start + self.s.embed_batch]
-            self.gate.wait(self._stop)
+        start = 0
+        while start < len(texts):
+            # Inference still busy after the longest wait: a small batch, so it is held up briefly.
+            size = self.s.embed_batch if self.gate.wait(self._stop) else max(1, self.s.embed_batch // 4)
+            batch = texts[start:start + size]
+            start += len(batch)
             parts, final = self.bus.call(self.embed_service, {"input": batch}, timeout=self.s.call_timeout_s).result()
             dim = int(final["dim"])
             for part in sorted(parts, key=lambda p: int(p["index"])):
