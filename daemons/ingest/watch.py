@@ -83,13 +83,17 @@ def needs_polling(path: Path) -> bool:
 
 
 def make_inbox(folder: Path) -> None:
-    """Create a missing inbox folder (and missing parents) group-writable with the setgid
-    bit: members of the daemon's group (onebox) can drop files in, and those files belong
-    to the group, so the daemon can read them whatever the dropper's umask."""
+    """Create a missing inbox folder (and missing parents) group-writable, so members of
+    the daemon's group (onebox) can drop files in. (Not setgid: the units forbid setting
+    it, RestrictSUIDSGID=yes; files dropped in stay readable as long as the dropper's
+    umask leaves them world-readable, as the usual 022 does.)"""
     missing = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     for p in missing:
-        os.chmod(p, 0o2770)
+        try:
+            os.chmod(p, 0o770)
+        except OSError as exc:
+            log.warning("cannot make %s group-writable: %s", p, exc)
 
 
 @dataclass
