@@ -215,3 +215,15 @@ class Inbox(Generic[T]):
 
     def wake(self) -> None:
         self._wake.set()
+
+
+class OnFeeder:
+    """For an engine whose loop is one Feeder: its health is the feeder's."""
+
+    feeder: Feeder
+
+    def alive(self) -> bool:
+        return self.feeder.alive()
+
+    def failed(self) -> str | None:
+        return self.feeder.failed

@@ -94,9 +94,6 @@ class Database:
     def execute(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> apsw.Cursor:
         return self.conn.execute(sql, args)
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> apsw.Cursor:
-        return self.conn.executemany(sql, rows)
-
     def all(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = self.conn.execute(sql, args).fetchall()
         return rows

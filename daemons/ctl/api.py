@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Self
 import httpx
 
 from daemons import config as config_mod
-from daemons.config import Config
+from daemons.config import Config, ConfigError
 from daemons.ctl import up
 
 EX_UNAVAILABLE = 69
@@ -184,6 +185,16 @@ class API:
                     if isinstance(body.get(key), str):
                         return str(body[key])
         return response.text
+
+
+def failure(prog: str, exc: ConfigError | APIError) -> int:
+    """Print why a command failed, as one line; its exit status: 78 for the config, 69 when
+    the router did not answer, 1 when it refused."""
+    if isinstance(exc, ConfigError):
+        print(f"config error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    print(f"{prog}: {exc.message}", file=sys.stderr)
+    return 1 if exc.reachable else EX_UNAVAILABLE
 
 
 def load_config(path: str | None) -> Config:

@@ -11,6 +11,7 @@ from typing import Any
 from daemons.config import ConfigError
 from daemons.ctl import api
 from daemons.ctl.api import APIError
+from daemons.index.schema import STATES
 
 COLUMNS = ("id", "status", "chunks", "collection", "path", "reason")
 REASON_CHARS = 80
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                      "processing, indexed, quarantined), chunks, collection, path and why a file was quarantined."),
     )
     p.add_argument("--collection", help="this [collections.NAME] only")
-    p.add_argument("--status", choices=["queued", "processing", "indexed", "quarantined"], help="this status only")
+    p.add_argument("--status", choices=STATES, help="this status only")
     p.add_argument("--limit", type=int, metavar="N", help="list at most N (default: all)")
     p.add_argument("--json", action="store_true", help='print {"object", "data": [every document], "counts"} as JSON')
     api.add_arguments(p)
@@ -52,12 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with api.connect(args.config, args.url) as client:
             docs, counts = client.documents(args.collection, args.status, args.limit)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return api.EX_CONFIG
-    except APIError as exc:
-        print(f"onebox documents: {exc.message}", file=sys.stderr)
-        return 1 if exc.reachable else api.EX_UNAVAILABLE
+    except (ConfigError, APIError) as exc:
+        return api.failure("onebox documents", exc)
     if args.json:
         print(json.dumps({"object": "list", "data": docs, "counts": counts}, indent=2, ensure_ascii=False))
     else:

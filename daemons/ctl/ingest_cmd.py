@@ -195,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = plan(args.paths, inbox)
         copied, same = copy_all(pairs)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return api.EX_CONFIG
+        return api.failure("onebox ingest", exc)
     except UsageError as exc:
         print(f"onebox ingest: {exc}", file=sys.stderr)
         return EX_USAGE
@@ -211,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         with API(Endpoint.of(config, args.url)) as client:
             return wait(client, collection, copied, args.timeout)
     except APIError as exc:
-        print(f"onebox ingest: {exc.message}", file=sys.stderr)
-        return api.EX_UNAVAILABLE if not exc.reachable else 1
+        return api.failure("onebox ingest", exc)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         # With --url alone the router may be on another box: the config is optional then.
         config = api.load_config(args.config) if (args.config or not args.url) else None
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return api.EX_CONFIG
+        return api.failure("onebox mcp", exc)
     with API(Endpoint.of(config, args.url)) as client:
         log.info("serving MCP on stdio for the router at %s", client.endpoint)
         build(client, config).run("stdio")

@@ -64,12 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with api.connect(args.config, args.url) as client:
             body = client.search(args.query, args.collection, args.k, args.mode)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return api.EX_CONFIG
-    except APIError as exc:
-        print(f"onebox search: {exc.message}", file=sys.stderr)
-        return 1 if exc.reachable else api.EX_UNAVAILABLE
+    except (ConfigError, APIError) as exc:
+        return api.failure("onebox search", exc)
     print(json.dumps(body, indent=2, ensure_ascii=False) if args.json else render(list(body.get("data") or [])))
     return 0
 

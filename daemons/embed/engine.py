@@ -24,7 +24,7 @@ from daemons.bus.errors import RequestError
 from daemons.bus.worker import Emitter, Request
 from daemons.config import EmbeddingConfig
 from daemons.embed.native import POOLING, EmbedContext, EmbedModel
-from daemons.feeder import Feeder, Inbox, TestHooks
+from daemons.feeder import Feeder, Inbox, OnFeeder, TestHooks
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def parse(body: dict[str, Any], model: EmbedModel, ec: EmbeddingConfig, limit: i
     return inputs, sum(len(t) for t in inputs)
 
 
-class EmbedEngine:
+class EmbedEngine(OnFeeder):
     def __init__(self, model: EmbedModel, ec: EmbeddingConfig, emitter: Emitter, ctx: EmbedContext,
                  stall_s: float = 2.0, hooks: TestHooks | None = None) -> None:
         self.model = model
@@ -105,12 +105,6 @@ class EmbedEngine:
 
     def cancel(self, request_id: str) -> None:
         self.inbox.cancel(request_id)
-
-    def alive(self) -> bool:
-        return self.feeder.alive()
-
-    def failed(self) -> str | None:
-        return self.feeder.failed
 
     def start(self) -> None:
         self.feeder.start()

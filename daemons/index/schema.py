@@ -43,7 +43,6 @@ CREATE TABLE documents (
   kind TEXT NOT NULL,
   pages INTEGER,
   bytes INTEGER NOT NULL,
-  chunks INTEGER NOT NULL,
   markdown TEXT NOT NULL,
   indexed_at REAL NOT NULL,
   UNIQUE (collection, sha256)
@@ -99,6 +98,13 @@ def coll_token(collection: str) -> str:
     """The single FTS5 token standing for a collection (names may hold spaces or
     punctuation that the tokenizer would split into a phrase)."""
     return "c" + hashlib.sha1(collection.encode()).hexdigest()[:16]
+
+
+def file_counts(db: Database, collection: str | None = None) -> dict[str, int]:
+    """Files by state (every state present, 0 when none), of one collection or of all."""
+    where, args = (" WHERE collection = ?", (collection,)) if collection is not None else ("", ())
+    found = {str(s): int(n) for s, n in db.all(f"SELECT state, count(*) FROM files{where} GROUP BY state", args)}
+    return {s: found.get(s, 0) for s in STATES}
 
 
 def meta(db: Database, key: str) -> str | None:

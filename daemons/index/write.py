@@ -127,10 +127,9 @@ class IndexWriter:
                 self._point(file_id, existing)
                 return existing
             self.db.execute(
-                "INSERT INTO documents (collection, sha256, title, kind, pages, bytes, chunks, markdown, indexed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (doc.collection, doc.sha256, doc.title, doc.kind, doc.pages, doc.bytes, len(chunks), doc.markdown,
-                 time.time()))
+                "INSERT INTO documents (collection, sha256, title, kind, pages, bytes, markdown, indexed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (doc.collection, doc.sha256, doc.title, doc.kind, doc.pages, doc.bytes, doc.markdown, time.time()))
             doc_id = int(self.db.conn.last_insert_rowid())
             for chunk, vector in zip(chunks, rows):
                 self.db.execute(

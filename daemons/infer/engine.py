@@ -28,7 +28,7 @@ import llama_cpp
 from daemons.bus.errors import RequestError
 from daemons.bus.worker import Emitter, Request
 from daemons.config import ModelConfig
-from daemons.feeder import Feeder, Inbox, TestHooks
+from daemons.feeder import Feeder, Inbox, OnFeeder, TestHooks
 from daemons.infer import request as request_mod
 from daemons.infer.model import Model
 from daemons.infer.native import Context, Sampler
@@ -46,7 +46,7 @@ FIRST_STEPS_S_PER_TOKEN = 0.25
 AGING_TOKENS_PER_S = 100.0
 
 
-class BatchEngine:
+class BatchEngine(OnFeeder):
     def __init__(self, model: Model, mc: ModelConfig, emitter: Emitter, ctx: Context,
                  stall_s: float = 1.0, hooks: TestHooks | None = None) -> None:
         self.model = model
@@ -89,12 +89,6 @@ class BatchEngine:
 
     def cancel(self, request_id: str) -> None:
         self.inbox.cancel(request_id)
-
-    def alive(self) -> bool:
-        return self.feeder.alive()
-
-    def failed(self) -> str | None:
-        return self.feeder.failed
 
     # -- lifecycle ---------------------------------------------------------------------
 

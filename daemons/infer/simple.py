@@ -20,7 +20,7 @@ from typing import Any
 from daemons.bus.errors import RequestError
 from daemons.bus.worker import Emitter, Request
 from daemons.config import ModelConfig
-from daemons.feeder import Feeder, TestHooks
+from daemons.feeder import Feeder, OnFeeder, TestHooks
 from daemons.infer import request as request_mod
 from daemons.infer.model import Model
 from daemons.infer.reply import Reply, Usage
@@ -34,7 +34,7 @@ PREFILL_S_PER_TOKEN = 0.05
 INTERNAL = "inference failed: internal error in the engine; see its log"
 
 
-class SimpleEngine:
+class SimpleEngine(OnFeeder):
     def __init__(self, model: Model, mc: ModelConfig, emitter: Emitter, stall_s: float = 1.0,
                  hooks: TestHooks | None = None) -> None:
         self.model = model
@@ -61,12 +61,6 @@ class SimpleEngine:
     def cancel(self, request_id: str) -> None:
         with self._lock:
             self._cancelled.add(request_id)
-
-    def alive(self) -> bool:
-        return self.feeder.alive()
-
-    def failed(self) -> str | None:
-        return self.feeder.failed
 
     def start(self) -> None:
         self.feeder.start()

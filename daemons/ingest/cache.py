@@ -50,13 +50,6 @@ class MarkdownCache:
         _write(meta, json.dumps({"title": title, "pages": pages, "kind": kind}))
         return Cached(md, markdown, title, pages, kind)
 
-    def read(self, sha256: str) -> str | None:
-        md, _ = self._paths(sha256)
-        try:
-            return md.read_text(encoding="utf-8")
-        except OSError:
-            return None
-
 
 def _write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

@@ -19,6 +19,7 @@ from typing import Any
 
 from daemons.bus.errors import RequestError
 from daemons.bus.worker import Emitter, Request
+from daemons.index.schema import STATES, file_counts
 from daemons.ingest.pipeline import Pipeline
 from daemons.ingest.queue import JobQueue
 from daemons.ingest.watch import Watcher
@@ -114,12 +115,10 @@ class IngestEngine:
         try:
             if self._reader is None:
                 self._reader = Database(self.index_path, readonly=True)
-            found = {str(s): int(n) for s, n in
-                     self._reader.execute("SELECT state, count(*) FROM files GROUP BY state")}
+            return file_counts(self._reader)
         except Exception as exc:
             log.debug("status read failed: %s", exc)
-            found = {}
-        return {s: found.get(s, 0) for s in ("queued", "processing", "indexed", "quarantined")}
+            return dict.fromkeys(STATES, 0)
 
     def status(self) -> str:
         c = self._counts()

@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from daemons.index.schema import file_counts
 from daemons.store import Database
 
 LANES = ("text", "ocr")
@@ -138,5 +139,4 @@ class JobQueue:
 
     def counts(self) -> dict[str, int]:
         with self.lock:
-            found = {str(s): int(n) for s, n in self.db.execute("SELECT state, count(*) FROM files GROUP BY state")}
-        return {s: found.get(s, 0) for s in ("queued", "processing", "indexed", "quarantined")}
+            return file_counts(self.db)

@@ -25,7 +25,7 @@ from typing import Any
 
 from daemons.bus.errors import RequestError
 from daemons.bus.worker import Emitter, Request
-from daemons.feeder import Feeder, TestHooks
+from daemons.feeder import Feeder, OnFeeder, TestHooks
 from daemons.ocr import paths
 from daemons.ocr.extract import LANGUAGES_RE, Job
 from daemons.ocr.pool import PoolProcess
@@ -100,7 +100,7 @@ def parse_job(body: Any, settings: OcrSettings) -> Job:
     return Job(path=str(real), languages=languages, dpi=dpi, first_page=first_page, max_pages=max_pages)
 
 
-class OcrEngine:
+class OcrEngine(OnFeeder):
     def __init__(self, settings: OcrSettings, emitter: Emitter, stall_s: float = 2.0,
                  hooks: TestHooks | None = None) -> None:
         if settings.workers < 1 or settings.queue < 0:
@@ -145,12 +145,6 @@ class OcrEngine:
             if request_id in self._running:
                 self._cancelled.add(request_id)
         self._wake()
-
-    def alive(self) -> bool:
-        return self.feeder.alive()
-
-    def failed(self) -> str | None:
-        return self.feeder.failed
 
     def start(self) -> None:
         log.info("OCR dispatcher starting: %d worker process(es), queue of %d", self.settings.workers,

@@ -16,12 +16,10 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from daemons.index.search import Fusion, Searcher
+from daemons.index.search import MODES, Fusion, Searcher
 from daemons.router.calls import require_worker
 from daemons.router.errors import APIError
 from daemons.router.state import RouterState
-
-MODES = ("hybrid", "vector", "text")
 
 
 def fusion_of(state: RouterState) -> Fusion:

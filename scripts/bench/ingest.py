@@ -365,7 +365,8 @@ def read_index(directory: Path) -> Any:
 
 def file_rows(db: Any, folder: Path, tag: str) -> list[dict[str, Any]]:
     """The files of one corpus (its names start with its tag)."""
-    return db.rows("SELECT f.path, f.lane, f.state, f.reason, f.updated_at, d.chunks, d.pages FROM files f "
+    return db.rows("SELECT f.path, f.lane, f.state, f.reason, f.updated_at, d.pages, "
+                   "(SELECT count(*) FROM chunks c WHERE c.document_id = d.id) AS chunks FROM files f "
                    "LEFT JOIN documents d ON d.id = f.document_id WHERE f.path LIKE ?", (f"{folder}/{tag}-%",))
 
 

@@ -21,7 +21,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from daemons.bus.broker import Call
-from daemons.index.schema import STATES
+from daemons.index.schema import STATES, file_counts
 from daemons.router import inbox
 from daemons.router.calls import require_worker, unless_gone, watch
 from daemons.router.errors import APIError
@@ -41,7 +41,8 @@ Who = Annotated[Caller, Depends(caller)]
 
 SELECT = (
     "SELECT f.id, f.path, f.collection, f.state, f.reason, f.attempts, f.size, f.sha256, f.queued_at, f.updated_at, "
-    "d.title, d.pages, d.chunks, d.indexed_at, d.markdown "
+    "d.title, d.pages, d.indexed_at, d.markdown, "
+    "(SELECT count(*) FROM chunks c WHERE c.document_id = d.id) AS chunks "
     "FROM files f LEFT JOIN documents d ON d.id = f.document_id"
 )
 
@@ -74,8 +75,6 @@ def listing(db: Database, collection: str | None, status: str | None, limit: int
     if collection is not None:
         where.append("f.collection = ?")
         args.append(collection)
-    counted = " WHERE f.collection = ?" if collection is not None else ""
-    count_args = list(args)
     if status is not None:
         where.append("f.state = ?")
         args.append(status)
@@ -85,10 +84,9 @@ def listing(db: Database, collection: str | None, status: str | None, limit: int
     sql = SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY f.id LIMIT ?"
     with db.snapshot():  # the page and the counts from the same commit
         rows = db.rows(sql, [*args, limit + 1])
-        found = {str(s): int(n) for s, n in
-                 db.execute(f"SELECT f.state, count(*) FROM files f{counted} GROUP BY f.state", count_args)}
+        counts = file_counts(db, collection)
     return {"object": "list", "data": [document_object(r) for r in rows[:limit]], "has_more": len(rows) > limit,
-            "counts": {s: found.get(s, 0) for s in STATES}}
+            "counts": counts}
 
 
 @router.get("/v1/documents")
