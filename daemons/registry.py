@@ -87,7 +87,8 @@ CORE = ("paths", "log", "bus")
 ROUTER = Daemon(
     name="router", module="daemons.router.main", summary="run the router daemon (API + bus broker)",
     unit="onebox-router.service", sections=(*CORE, "router", "models", "embeddings", "ocr", "ingest", "collections",
-                                            "search"), service=None,
+                                            "search", "auth", "principals", "costs", "providers", "remote_models"),
+    service=None,
     placement="router",
 )
 INFER = Daemon(

@@ -66,8 +66,8 @@ class ClientInfo:
 class Call:
     """One request in flight. Iterate it for ("partial" | "final", data) pairs."""
 
-    def __init__(self, broker: Broker, service: str, deadline: float) -> None:
-        self.id = uuid.uuid4().hex
+    def __init__(self, broker: Broker, service: str, deadline: float, call_id: str | None = None) -> None:
+        self.id = call_id or uuid.uuid4().hex
         self.service = service
         self.deadline = deadline  # unix time, as sent on the wire
         self.worker: WorkerInfo | None = None
@@ -179,11 +179,15 @@ class Broker:
 
     # -- requests --------------------------------------------------------------------
 
-    async def call(self, service: str, body: dict[str, Any], deadline: float, wait_for_worker: float = 0.0) -> Call:
+    async def call(self, service: str, body: dict[str, Any], deadline: float, wait_for_worker: float = 0.0,
+                   call_id: str | None = None) -> Call:
         """Send a request to a live worker; wait (until the deadline) for one with room.
         With no live worker at all, wait up to `wait_for_worker` seconds for one to
-        register, then fail with NoWorker."""
-        call = Call(self, service, deadline)
+        register, then fail with NoWorker. `call_id` (unique) is the id the worker logs;
+        the router passes its request id."""
+        if call_id is not None and call_id in self._calls:
+            raise ValueError(f"call id {call_id} is already in flight")
+        call = Call(self, service, deadline, call_id)
         give_up = min(deadline, time.time() + wait_for_worker)
         async with self._room:
             while True:

@@ -23,17 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from daemons.config.access import AuthConfig, CostConfig, PrincipalConfig
 from daemons.config.core import BusConfig, LogConfig, PathsConfig
 from daemons.config.embeddings import EmbeddingConfig
 from daemons.config.ingest import CollectionConfig, IngestConfig, SearchConfig
 from daemons.config.models import ModelConfig
 from daemons.config.ocr import OcrConfig
+from daemons.config.providers import ProviderConfig, RemoteModelConfig
 from daemons.config.router import RouterConfig
 from daemons.config.schema import ConfigError, build, is_section, render_section
 
-__all__ = ["BusConfig", "CollectionConfig", "Config", "ConfigError", "DEFAULT_CONFIG", "EmbeddingConfig",
-           "IngestConfig", "LogConfig", "ModelConfig", "OcrConfig", "PathsConfig", "SearchConfig",
-           "RouterConfig", "SECTIONS", "load", "parse", "render_defaults"]
+__all__ = ["AuthConfig", "BusConfig", "CollectionConfig", "Config", "ConfigError", "CostConfig", "DEFAULT_CONFIG",
+           "EmbeddingConfig", "IngestConfig", "LogConfig", "ModelConfig", "OcrConfig", "PathsConfig",
+           "PrincipalConfig", "ProviderConfig", "RemoteModelConfig", "SearchConfig", "RouterConfig", "SECTIONS",
+           "load", "parse", "render_defaults"]
 
 DEFAULT_CONFIG = Path("/etc/onebox/onebox.toml")
 T = TypeVar("T")
@@ -61,6 +64,21 @@ class Config:
                'chat completions take "rag": {"collection": NAME}).', "example": "default"})
     search: SearchConfig = field(default_factory=SearchConfig, metadata={
         "doc": "Retrieval: POST /v1/search and RAG in chat completions (read by the router)."})
+    auth: AuthConfig = field(default_factory=AuthConfig, metadata={
+        "doc": "Identity (read by the router): API keys over TCP, the caller's uid on the Unix socket."})
+    principals: dict[str, PrincipalConfig] = field(default_factory=dict, metadata={
+        "doc": "One table per principal (a person, team or app): who it is on the Unix socket, whether it is\n"
+               "an admin, its admission class and its limits. [principals.default] applies to every caller\n"
+               "no table names (API keys made for another name, unlisted Unix users).", "example": "default"})
+    costs: CostConfig = field(default_factory=CostConfig, metadata={
+        "doc": "Prices for the ledger (ledger.db) and budgets."})
+    providers: dict[str, ProviderConfig] = field(default_factory=dict, metadata={
+        "doc": "Upstream providers the router may send requests to ([remote_models.NAME] says which models).",
+        "example": "openai"})
+    remote_models: dict[str, RemoteModelConfig] = field(default_factory=dict, metadata={
+        "doc": "Models served by a provider, under the name clients send (unique among [models],\n"
+               "[embeddings] and these); [models.NAME] fallback and overflow_wait_s send local traffic here.",
+        "example": "gpt-4o-mini"})
     source: str = "<defaults>"
 
     def embedding(self, key: str) -> EmbeddingConfig:
@@ -72,6 +90,22 @@ class Config:
 
     def collection_dirs(self) -> dict[str, Path]:
         return {name: c.path(self.paths.state, name) for name, c in self.collections.items()}
+
+    def principal(self, name: str) -> PrincipalConfig:
+        """The principal's table, else [principals.default], else no limits."""
+        found = self.principals.get(name) or self.principals.get("default")
+        return found if found is not None else PrincipalConfig()
+
+    def chat_models(self) -> list[str]:
+        """Every model name a chat or completion request may send: local, then remote."""
+        return list(self.models) + list(self.remote_models)
+
+    def fallback(self, model: str) -> tuple[str, ...]:
+        if model in self.models:
+            return self.models[model].fallback
+        if model in self.remote_models:
+            return self.remote_models[model].fallback
+        return ()
 
     def model(self, key: str) -> ModelConfig:
         return self._named(self.models, "models", key)
@@ -148,6 +182,36 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
             _set_path(raw, dotted, parse_env_value(text))
 
 
+def _tables(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = raw.get(name, {})
+    return value if isinstance(value, Mapping) else {}
+
+
+def _cross_checks(raw: Mapping[str, Any]) -> Iterable[str]:
+    """What no one section can check: model names are unique, and what they name exists."""
+    named = {s: _tables(raw, s) for s in ("models", "embeddings", "remote_models")}
+    seen: dict[str, str] = {}
+    for section, tables in named.items():
+        for key in tables:
+            if key in seen:
+                yield f"[{seen[key]}.{key}] and [{section}.{key}]: a model name clients send must be unique"
+            seen.setdefault(key, section)
+    providers = _tables(raw, "providers")
+    for key, table in named["remote_models"].items():
+        provider = table.get("provider") if isinstance(table, Mapping) else None
+        if isinstance(provider, str) and provider and provider not in providers:
+            yield f"remote_models.{key}.provider: no [providers.{provider}]"
+    chat = set(named["models"]) | set(named["remote_models"])
+    for section in ("models", "remote_models"):
+        for key, table in named[section].items():
+            chain = table.get("fallback", []) if isinstance(table, Mapping) else []
+            for target in chain if isinstance(chain, list) else []:
+                if target not in chat:
+                    yield f"{section}.{key}.fallback: no chat model {target!r} in [models] or [remote_models]"
+                elif target == key:
+                    yield f"{section}.{key}.fallback: a model cannot fall back to itself"
+
+
 def parse_sections(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """Every section built from `raw`, and the errors found in each ("" for the file's own)."""
     errors: dict[str, list[str]] = {"": []}
@@ -155,10 +219,7 @@ def parse_sections(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, li
     for name in raw:
         if name not in SECTIONS:
             errors[""].append(f"unknown section [{name}] (known: {', '.join(SECTIONS)})")
-    models, embeddings = raw.get("models"), raw.get("embeddings")
-    if isinstance(models, Mapping) and isinstance(embeddings, Mapping):
-        for key in sorted(set(models) & set(embeddings)):
-            errors[""].append(f"[models.{key}] and [embeddings.{key}]: a model name clients send must be unique")
+    errors[""].extend(_cross_checks(raw))
     for name, sec in SECTIONS.items():
         errs: list[str] = []
         data = raw.get(name, {})

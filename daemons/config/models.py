@@ -82,6 +82,27 @@ class ModelConfig:
         0, "Model + KV cells + compute buffers + runtime must fit in this many MiB, or the daemon\n"
            "exits 78 at start with the numbers. 0 means 80% of this machine's RAM.", ge=0)
 
+    queue_depth: int = setting(
+        256, "-- router --\nRequests the router holds for this model beyond what it has in flight (a bounded\n"
+             "queue, principals served in turn, interactive before batch); more get 429 with Retry-After.",
+        ge=1, le=100_000)
+    max_in_flight: int = setting(0, "Requests the router sends the daemon at once; 0 means slots (so the router's fair\n"
+                                    "queue, not the engine's, decides who goes next).", ge=0, le=4096)
+    prompt_price_per_1k: float = setting(
+        0.0, "Price per 1k tokens for the ledger and budgets; 0 derives it from [costs] (power and\n"
+             "amortisation), so local use is never counted as free.", ge=0)
+    completion_price_per_1k: float = setting(0.0, "", ge=0)
+    fallback: tuple[str, ...] = setting(
+        (), 'Models (usually [remote_models.NAME]) tried in order when this one cannot answer (no live\n'
+            "worker, overloaded, failed). Never for a local_only principal, collection or request.")
+    overflow_wait_s: float = setting(
+        0.0, "Send a request to the first fallback at once when its expected wait in the local queue\n"
+             "is longer than this (0: only on failure).", ge=0)
+
+    @property
+    def in_flight(self) -> int:
+        return self.max_in_flight or (self.slots if self.engine == "batch" else 1)
+
     def problems(self) -> Iterator[str]:
         if not self.slots <= self.step_tokens:
             yield f"step_tokens: must be between slots ({self.slots}) and 4096"

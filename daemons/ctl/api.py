@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="config file (default: $ONEBOX_CONFIG, else /etc/onebox/onebox.toml, "
                                          "else the suite `onebox up` runs from this checkout)")
     parser.add_argument("--url", help="reach the router over TCP (e.g. http://127.0.0.1:8080, see router.tcp) "
-                                      "instead of its Unix socket")
+                                      "instead of its Unix socket; the API key is read from $ONEBOX_API_KEY")
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,13 @@ class Endpoint:
         return str(self.socket) if self.socket is not None else str(self.url)
 
     def client(self, timeout: float = 60.0) -> httpx.Client:
+        # A key for the router over TCP (on its Unix socket the caller's uid is enough).
+        key = os.environ.get("ONEBOX_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         if self.socket is not None:
             transport = httpx.HTTPTransport(uds=str(self.socket))
-            return httpx.Client(transport=transport, base_url="http://onebox", timeout=timeout)
-        return httpx.Client(base_url=str(self.url), timeout=timeout)
+            return httpx.Client(transport=transport, base_url="http://onebox", timeout=timeout, headers=headers)
+        return httpx.Client(base_url=str(self.url), timeout=timeout, headers=headers)
 
 
 def explain(exc: httpx.HTTPError, endpoint: Endpoint) -> APIError:
@@ -197,13 +200,13 @@ def failure(prog: str, exc: ConfigError | APIError) -> int:
     return 1 if exc.reachable else EX_UNAVAILABLE
 
 
-def load_config(path: str | None) -> Config:
+def load_config(path: str | None, sections: tuple[str, ...] = SECTIONS) -> Config:
     """The sections the tools read (sockets and collections); raises ConfigError.
     With no --config, no $ONEBOX_CONFIG and no /etc/onebox/onebox.toml, the suite is the
     one `onebox up` runs from this checkout (its config, ./var/run and ./var/lib)."""
     if path is None and not os.environ.get("ONEBOX_CONFIG") and not config_mod.DEFAULT_CONFIG.exists():
-        return config_mod.load(up.default_config(), up.dev_env(dict(os.environ)), sections=SECTIONS)
-    return config_mod.load(path, sections=SECTIONS)
+        return config_mod.load(up.default_config(), up.dev_env(dict(os.environ)), sections=sections)
+    return config_mod.load(path, sections=sections)
 
 
 def connect(config_path: str | None, url: str | None, timeout: float = 60.0) -> API:

@@ -16,6 +16,8 @@ TOOLS = {
     "ingest": ("daemons.ctl.ingest_cmd", "copy files into a collection's inbox and wait until they are indexed"),
     "search": ("daemons.ctl.search_cmd", "search the indexed documents"),
     "documents": ("daemons.ctl.documents_cmd", "list the indexed documents and the files waiting, with their status"),
+    "keys": ("daemons.ctl.keys_cmd", "create, list and revoke API keys"),
+    "usage": ("daemons.ctl.usage_cmd", "what each principal, model or day used and cost (the ledger)"),
     "mcp": ("daemons.ctl.mcp_cmd", "serve the Model Context Protocol on stdio (search and read the documents)"),
 }
 COMMANDS = {**{d.cmd: (d.module, d.summary) for d in registry.DAEMONS}, **TOOLS}

@@ -19,6 +19,9 @@ from daemons import registry, service
 from daemons.bus.broker import Broker
 from daemons.config import Config
 from daemons.router.app import create_app
+from daemons.router.peer import PeerHTTPProtocol
+from daemons.router.state import CredentialError, RouterState
+from daemons.store import StoreError
 
 log = logging.getLogger("daemons.router")
 
@@ -61,22 +64,33 @@ async def serve(config: Config, notifier: service.Notifier) -> int:
     broker = Broker(config.paths.bus_endpoint, config.bus, ctx)
     await broker.start()
     app = create_app(config, broker)
+    state: RouterState = app.state.onebox
     rc = config.router
+    try:
+        state.open()
+    except (StoreError, CredentialError, OSError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        await state.close()
+        await broker.stop()
+        ctx.term()
+        return service.EX_CONFIG if isinstance(exc, (CredentialError, ValueError)) else service.EX_UNAVAILABLE
     try:
         listeners = [unix_listener(str(config.paths.api_socket), rc.mode, rc.socket_group)]
         tcp = rc.tcp_host_port
         if tcp:
             if tcp[0] not in ("127.0.0.1", "::1", "localhost"):
-                log.warning("router.tcp %s is not loopback: the API has no authentication yet", rc.tcp)
+                log.warning("router.tcp %s is not loopback: every caller there needs an API key, sent in clear "
+                            "text unless a TLS proxy sits in front", rc.tcp)
             listeners.append(tcp_listener(*tcp))
     except (OSError, KeyError) as exc:
         log.error("cannot listen: %s", exc)
+        await state.close()
         await broker.stop()
         ctx.term()
         return service.EX_CONFIG if isinstance(exc, KeyError) else service.EX_UNAVAILABLE
 
     server = uvicorn.Server(uvicorn.Config(
-        app, lifespan="off", log_config=None, access_log=False,
+        app, lifespan="off", log_config=None, access_log=False, http=PeerHTTPProtocol,
         timeout_graceful_shutdown=int(rc.shutdown_timeout_s), timeout_keep_alive=30,
     ))
 
@@ -91,6 +105,7 @@ async def serve(config: Config, notifier: service.Notifier) -> int:
         while not server.should_exit:
             # The loop being able to run this task is the router's liveness.
             notifier.progress()
+            state.dispatch.kick()  # places freed by workers that joined
             line = status_line(config, broker)
             if line != last:
                 notifier.status(line)
@@ -103,6 +118,7 @@ async def serve(config: Config, notifier: service.Notifier) -> int:
     finally:
         notifier.stopping("router stopping")
         task.cancel()
+        await state.close()  # the ledger writes what it holds
         await broker.stop()
         ctx.term()
         try:

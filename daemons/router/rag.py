@@ -51,3 +51,15 @@ async def retrieve_sources(state: RouterState, req: ChatRequest, who: Caller) ->
     return sources, body
 
 
+def local_only(state: RouterState, req: ChatRequest, sources: list[dict[str, Any]]) -> str | None:
+    """Why a RAG request must stay on this machine: it searches, or drew a source from, a
+    local_only collection."""
+    collections = state.config.collections
+    asked = req.rag.collection if req.rag is not None else None
+    if asked and asked in collections and collections[asked].local_only:
+        return f"collection {asked!r} is local_only"
+    for s in sources:
+        name = s.get("collection")
+        if isinstance(name, str) and name in collections and collections[name].local_only:
+            return f"a source comes from collection {name!r}, which is local_only"
+    return None

@@ -57,6 +57,9 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = None
+    # onebox's extensions: never send this request upstream; serve it in the batch class.
+    local_only: bool = False
+    priority: Literal["interactive", "batch"] | None = None
 
     @field_validator("stop")
     @classmethod

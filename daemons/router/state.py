@@ -1,18 +1,59 @@
-"""What every route shares: the config, the broker, and the per-request context
-(deadline, caller) that identity and admission will hook into."""
+"""What every route shares — the config, the broker, identity, limits, the ledger, the
+fair queues, the providers, the metrics — and the per-request context (who is calling,
+until when) that every route that does work takes."""
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
+from prometheus_client import CollectorRegistry
 
 from daemons import registry
 from daemons.bus.broker import Broker
-from daemons.config import Config
+from daemons.config import Config, ProviderConfig
+from daemons.ledger import KeyStore, Ledger, load_secret, open_keys
+from daemons.ledger.files import key_paths, ledger_path
 from daemons.router.errors import APIError
+from daemons.router.identity import Identity, Principal
 from daemons.router.index import Index
+from daemons.router.limits import Limits
+from daemons.router.metrics import Metrics
+from daemons.router.peer import scope_peer
+from daemons.router.upstream import Provider, ProviderSpec
+from daemons.store import Database
+
+if TYPE_CHECKING:
+    from daemons.router.dispatch import Dispatcher
+
+log = logging.getLogger(__name__)
+
+
+class CredentialError(Exception):
+    """A provider's key file that is named or expected but cannot be read."""
+
+
+def provider(name: str, pc: ProviderConfig, on_state: Callable[[str, str], None]) -> Provider:
+    path = pc.key_path(name)
+    key: str | None = None
+    if path is not None:
+        try:
+            key = path.read_text().strip() or None
+        except OSError as exc:
+            raise CredentialError(f"providers.{name}: cannot read its API key from {path}: {exc.strerror}") from None
+        if key is None:
+            raise CredentialError(f"providers.{name}: the key file {path} is empty")
+    spec = ProviderSpec(name=name, kind=pc.kind, base_url=pc.base_url.rstrip("/"), api_key=key,
+                        timeout_s=pc.timeout_s, connect_timeout_s=pc.connect_timeout_s, retries=pc.retries,
+                        breaker_failures=pc.breaker_failures, breaker_reset_s=pc.breaker_reset_s,
+                        max_connections=pc.max_connections)
+    log.info("provider %s: %s at %s, %s", name, pc.kind, spec.base_url,
+             f"key from {path}" if key else "no API key")
+    return Provider(spec, on_state=on_state)
 
 
 @dataclass
@@ -20,6 +61,50 @@ class RouterState:
     config: Config
     broker: Broker
     index: Index
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    providers: dict[str, Provider] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # No I/O here (open() does it): the app and its state can be built in a test.
+        from daemons.router.dispatch import Dispatcher
+
+        self.metrics = Metrics(self.registry)
+        self.ledger = Ledger(ledger_path(self.config))
+        self.limits = Limits(self._spent_since, self.config.router.retry_after_s)
+        self.dispatch: Dispatcher = Dispatcher(self)
+        self._keys_db: Database | None = None
+        self._identity: Identity | None = None
+        self.metrics.watch_workers(self.broker.snapshot, self.expected_services)
+
+    def open(self) -> None:
+        """Open the databases and providers (raises StoreError, OSError, UpstreamConfigError)."""
+        keys_path, secret_path = key_paths(self.config)
+        self._keys_db = open_keys(keys_path)
+        self._identity = Identity(self.config, KeyStore(self._keys_db, load_secret(secret_path)))
+        self.ledger.open()
+        for name, pc in self.config.providers.items():
+            self.providers[name] = provider(name, pc, self.metrics.circuit_state)
+            self.metrics.circuit_state(name, "closed")
+
+    async def close(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()
+        self.ledger.close()
+        if self._keys_db is not None:
+            self._keys_db.close()
+
+    @property
+    def identity(self) -> Identity:
+        if self._identity is None:
+            raise RuntimeError("RouterState.open() was not called")
+        return self._identity
+
+    @property
+    def keys(self) -> KeyStore:
+        return self.identity.keys
+
+    def _spent_since(self, principal: str, since: float) -> float:
+        return self.ledger.spend_by_principal(since).get(principal, 0.0)
 
     @property
     def retry_after(self) -> dict[str, str]:
@@ -36,9 +121,9 @@ def get_state(request: Request) -> RouterState:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling and until when. Today every caller who can reach the socket is
-    trusted the same; identity (API keys, SO_PEERCRED) and admission join here."""
+    """Who is calling (their principal: name, limits, admin) and until when."""
 
+    principal: Principal
     deadline: float  # unix time
 
 
@@ -57,6 +142,17 @@ def deadline_for(request: Request, state: RouterState) -> float:
 
 
 def caller(request: Request) -> Caller:
-    """The dependency every API route that does work takes."""
+    """The dependency every API route takes (the app adds it to each area's routes):
+    identity first (401), then the deadline."""
     state = get_state(request)
-    return Caller(deadline=deadline_for(request, state))
+    principal = state.identity.identify(scope_peer(request.scope), request.headers.get("authorization"))
+    request.state.principal = principal
+    return Caller(principal, deadline_for(request, state))
+
+
+def admin(who: Annotated[Caller, Depends(caller)]) -> Caller:
+    """The dependency of the admin endpoints: 403 for a principal that is not an admin."""
+    if not who.principal.admin:
+        raise APIError(403, f"principal {who.principal.name!r} is not an admin (admin = true in its "
+                            "[principals.NAME], or call over the Unix socket as root)", "permission_denied")
+    return who

@@ -1,22 +1,30 @@
-"""POST /v1/chat/completions and /v1/completions, streamed (SSE) and not."""
+"""POST /v1/chat/completions and /v1/completions, streamed (SSE) and not.
+
+Each request: the principal's limits reserve its most possible cost and tokens
+(daemons/router/limits.py), the dispatcher finds a model in the chain that gives a first
+reply (daemons/router/dispatch.py: fair queue, fallback, overflow, local_only), the reply
+is shaped as OpenAI's, and the meter settles the reservation and writes the ledger row
+(daemons/router/meter.py) however the request ended.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from daemons.bus.broker import Call
 from daemons.bus.errors import BusError
-from daemons.router import errors
+from daemons.router import errors, pricing, rag
 from daemons.router.body import parse_body
-from daemons.router.calls import require_worker, unless_gone, watch
+from daemons.router.calls import unless_gone, watch
+from daemons.router.dispatch import Opened, Pair
 from daemons.router.errors import APIError
-from daemons.router import rag
-from daemons.router.routes.models import infer_service
+from daemons.router.meter import Meter, admit, failure
 from daemons.router.schemas import ChatRequest, CompletionRequest, Sampling
 from daemons.router.shape import Shape, sse
 from daemons.router.state import Caller, RouterState, caller, get_state
@@ -25,74 +33,102 @@ log = logging.getLogger(__name__)
 
 router = APIRouter()
 
-Replies = AsyncIterator[tuple[str, dict[str, Any]]]
+Replies = AsyncIterator[Pair]
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat(request: Request, who: Caller = Depends(caller), state: RouterState = Depends(get_state)) -> Response:
     req = parse_body(ChatRequest, await request.body())
+    check_model(state, req.model)
     body = req.body()
     sources: list[dict[str, Any]] | None = None
+    residency = local_only(state, req, who)
     if req.rag is not None:
-        check_model(state, req.model)
         sources, body["rag"] = await rag.retrieve_sources(state, req, who)
-    return await generate(state, req, body, request, who, chat=True, sources=sources)
+        residency = residency or rag.local_only(state, req, sources)
+    return await generate(state, req, body, request, who, chat=True, sources=sources, residency=residency)
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request, who: Caller = Depends(caller),
                       state: RouterState = Depends(get_state)) -> Response:
     req = parse_body(CompletionRequest, await request.body())
-    return await generate(state, req, req.body(), request, who, chat=False)
+    check_model(state, req.model)
+    return await generate(state, req, req.body(), request, who, chat=False, residency=local_only(state, req, who))
 
 
-def check_model(state: RouterState, model: str) -> str:
-    if model not in state.config.models:
-        raise APIError(404, f"The model '{model}' does not exist", "model_not_found", "model")
-    service = infer_service(model)
-    require_worker(state, service, f"model '{model}'")
-    return service
+def check_model(state: RouterState, model: str) -> None:
+    if model not in state.config.models and model not in state.config.remote_models:
+        hint = " (an embedding model: use /v1/embeddings)" if model in state.config.embeddings else ""
+        raise APIError(404, f"The model '{model}' does not exist{hint}", "model_not_found", "model")
+
+
+def local_only(state: RouterState, req: Sampling, who: Caller) -> str | None:
+    """Why the request must stay on this machine, or None."""
+    if who.principal.local_only:
+        return f"principal {who.principal.name!r} is local_only"
+    if req.local_only:
+        return "the request says local_only"
+    return None
 
 
 async def generate(state: RouterState, req: Sampling, body: dict[str, Any], request: Request, who: Caller,
-                   chat: bool, sources: list[dict[str, Any]] | None = None) -> Response:
-    service = check_model(state, req.model)
+                   chat: bool, residency: str | None, sources: list[dict[str, Any]] | None = None) -> Response:
+    principal = who.principal
+    if req.priority == "batch":  # a request may lower its class, never raise it
+        principal = dataclasses.replace(principal, limits=dataclasses.replace(principal.limits, priority="batch"))
+    request_id = uuid.uuid4().hex
+    meter = Meter(state, principal, request_id, req.model, "chat" if chat else "completion")
+    try:
+        chain, _ = state.dispatch.candidates(req.model, residency)
+    except APIError as exc:
+        meter.finish(exc.status, error=exc.message)
+        raise
+    cost, tokens = max(pricing.max_cost(state.config, m, body) for m in chain)
+    meter.grant = admit(state, meter, cost, tokens)
     gone = watch(request)
-    call: Call | None = None
+    opened: Opened | None = None
     streaming = False
     try:
-        call = await unless_gone(state.broker.call(service, body, who.deadline), gone)
-        shape = Shape(req.model, call.id, chat, sources)
-        replies = aiter(call)
-        # The first reply comes before any response, so that a refusal (prompt too
-        # long, overload) is a real HTTP status, not an error event inside a 200 stream.
-        first = await unless_gone(anext(replies), gone)
+        opened = await state.dispatch.open(principal, request_id, req.model, body, who.deadline, gone, residency)
+        meter.serving(opened.model, opened.provider)
+        shape = Shape(opened.model, request_id, chat, sources)
         if req.stream:
-            streaming = True  # the response closes the call, and listens for the client
+            # The response closes the call, finishes the meter and listens for the client.
+            streaming = True
             return StreamingResponse(
-                stream(state, call, replies, first, shape, req.include_usage),
+                stream(state, opened, shape, req.include_usage, meter),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": request_id},
             )
-        text, final = await unless_gone(whole(first, replies), gone)
-        return JSONResponse(shape.whole(text, final))
+        text, final = await unless_gone(whole(opened.first, opened.replies, meter), gone)
+        meter.finish(200, final.get("usage"))
+        return JSONResponse(shape.whole(text, final), headers={"X-Request-Id": request_id})
+    except BaseException as exc:
+        meter.finish(*failure(exc))
+        raise
     finally:
         gone.cancel()
-        if call is not None and not streaming:
-            await call.close()  # sends CANCEL unless the call finished
+        if opened is not None and not streaming:
+            await opened.close()  # sends CANCEL unless the call finished; frees its queue place
 
 
-async def stream(state: RouterState, call: Call, replies: Replies, first: tuple[str, dict[str, Any]], shape: Shape,
-                 include_usage: bool) -> AsyncIterator[bytes]:
+async def stream(state: RouterState, opened: Opened, shape: Shape, include_usage: bool,
+                 meter: Meter) -> AsyncIterator[bytes]:
+    status: int = 499
+    usage: dict[str, Any] | None = None
+    error: str | None = "the client went away"
     try:
         yield sse(shape.chunk({"role": "assistant", "content": ""} if shape.chat else {"text": ""}, None))
-        kind, data = first
+        kind, data = opened.first
         while True:
             if kind == "partial":
                 if data.get("text"):
+                    meter.token()
                     yield sse(shape.chunk(shape.delta(str(data["text"])), None))
-                kind, data = await anext(replies)
+                kind, data = await anext(opened.replies)
                 continue
+            status, usage, error = 200, data.get("usage"), None
             yield sse({**shape.chunk(shape.delta(""), data.get("finish_reason", "stop")), **shape.used_sources(data)})
             if include_usage:
                 yield sse(shape.usage_chunk(data.get("usage", {})))
@@ -100,19 +136,23 @@ async def stream(state: RouterState, call: Call, replies: Replies, first: tuple[
         yield sse("[DONE]")
     except BusError as exc:
         err = errors.from_bus(exc, state.config.router.retry_after_s)
-        log.warning("stream %s ended with %d: %s", call.id, err.status, err.message)
+        status, error = err.status, err.message
+        log.warning("stream %s ended with %d: %s", meter.request_id, err.status, err.message)
         yield sse(errors.error_body(err.status, err.message, err.code))
     finally:
         # Reached on normal end, on error, and when the client disconnects (the
         # response task is cancelled): an unfinished call sends CANCEL to the worker.
-        await call.close()
+        meter.finish(status, usage, error)
+        await opened.close()
 
 
-async def whole(first: tuple[str, dict[str, Any]], replies: Replies) -> tuple[str, dict[str, Any]]:
+async def whole(first: Pair, replies: Replies, meter: Meter) -> tuple[str, dict[str, Any]]:
     """The text of a non-streamed reply and its FINAL."""
     text: list[str] = []
     kind, data = first
     while kind == "partial":
+        if data.get("text"):
+            meter.token()
         text.append(str(data.get("text", "")))
         kind, data = await anext(replies)
     return "".join(text), data

@@ -1,0 +1,110 @@
+"""One call's accounting, from admission to its end: timings, tokens, cost; then the
+ledger row, the metrics and the settled budget, exactly once, however the call ended."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from daemons.bus.errors import BusError
+from daemons.ledger import CallRecord
+from daemons.router import pricing
+from daemons.router.calls import ClientGone
+from daemons.router.errors import APIError
+from daemons.router.identity import Principal
+from daemons.router.limits import Grant, LimitExceeded
+
+if TYPE_CHECKING:
+    from daemons.router.state import RouterState
+
+log = logging.getLogger(__name__)
+
+
+class Meter:
+    def __init__(self, state: RouterState, who: Principal, request_id: str, model: str, kind: str) -> None:
+        self.state = state
+        self.who = who
+        self.request_id = request_id
+        self.model = model
+        self.kind = kind
+        self.at = time.time()
+        self.started = time.monotonic()
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self.grant: Grant | None = None
+        self.served_by = model
+        self.provider = "local"
+        self.done = False
+
+    def serving(self, model: str, provider: str) -> None:
+        self.served_by = model
+        self.provider = provider
+
+    def token(self) -> None:
+        """A piece of output reached the client (or is ready for it)."""
+        now = time.monotonic()
+        if self.first_at is None:
+            self.first_at = now
+        elif self.last_at is not None:
+            self.state.metrics.inter_token.labels(self.served_by).observe(now - self.last_at)
+        self.last_at = now
+
+    def finish(self, status: int, usage: dict[str, Any] | None = None, error: str | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        usage = usage or {}
+        prompt = int(usage.get("prompt_tokens", 0) or 0)
+        completion = int(usage.get("completion_tokens", 0) or 0)
+        cached = int(usage.get("cached_tokens", 0) or 0)
+        cost = pricing.price(self.state.config, self.served_by).cost(prompt, completion)
+        duration = time.monotonic() - self.started
+        ttft = None if self.first_at is None else self.first_at - self.started
+        if self.grant is not None:
+            self.state.limits.settle(self.grant, cost, prompt + completion)
+        m = self.state.metrics
+        cls = self.who.priority
+        m.requests.labels(self.model, cls, str(status)).inc()
+        m.duration.labels(self.served_by).observe(duration)
+        if ttft is not None:
+            m.ttft.labels(self.served_by).observe(ttft)
+        if prompt:
+            m.tokens.labels(self.served_by, "prompt").inc(prompt)
+        if completion:
+            m.tokens.labels(self.served_by, "completion").inc(completion)
+        if cost:
+            m.spend.labels(self.served_by, cls, self.provider).inc(cost)
+        self.state.ledger.record(CallRecord(
+            request_id=self.request_id, at=self.at, principal=self.who.name, principal_class=cls, model=self.model,
+            provider=self.provider, served_by=self.served_by, kind=self.kind, prompt_tokens=prompt,
+            completion_tokens=completion, cached_tokens=cached, cost=cost, ttft_s=ttft, duration_s=duration,
+            status=status, error=error))
+        if status >= 500:
+            log.warning("request %s of %s (%s) on %s failed with %d after %.2f s: %s", self.request_id, self.who.name,
+                        self.who.via, self.served_by, status, duration, error)
+
+
+def admit(state: RouterState, meter: Meter, cost: float, tokens: int) -> Grant:
+    """The principal's reservation for this call, or LimitExceeded (429), counted and
+    written to the ledger like any other answer."""
+    try:
+        return state.limits.admit(meter.who.name, meter.who.limits, cost, tokens)
+    except LimitExceeded as exc:
+        state.metrics.limited.labels(exc.code or "limit").inc()
+        meter.finish(exc.status, error=exc.message)
+        raise
+
+
+def failure(exc: BaseException) -> tuple[int, None, str]:
+    """(status, usage, error) for the ledger row of a call that ended with `exc`."""
+    if isinstance(exc, APIError):
+        return exc.status, None, exc.message
+    if isinstance(exc, BusError):
+        return exc.code, None, exc.message
+    if isinstance(exc, ClientGone):
+        return 499, None, "the client went away"
+    if isinstance(exc, asyncio.CancelledError):
+        return 499, None, "cancelled (the client went away or the router is stopping)"
+    return 500, None, f"{type(exc).__name__}: {exc}"
