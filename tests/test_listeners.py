@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -26,10 +28,17 @@ def test_socket_modes_and_tcp(fresh_dir: Path) -> None:
         assert f"http://127.0.0.1:{port}" in router.ready_status, router.ready_status
         assert stat.S_IMODE((fresh_dir / "run" / "api.sock").stat().st_mode) == 0o640
         assert stat.S_IMODE((fresh_dir / "run" / "bus.sock").stat().st_mode) == 0o600
+        made = subprocess.run([sys.executable, "-m", "daemons.ctl.main", "keys", "create", "tester",
+                               "--config", str(config)], capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
             assert c.get("/health").json() == {"status": "ok"}
-            # No worker yet: a clear 503 with Retry-After, over TCP as over the socket.
+            # Over TCP every caller needs a key.
             r = c.post("/v1/completions", json={"model": "smollm2", "prompt": "x"})
+            assert r.status_code == 401, r.text
+            # No worker yet: a clear 503 with Retry-After, over TCP as over the socket.
+            r = c.post("/v1/completions", json={"model": "smollm2", "prompt": "x"},
+                       headers={"Authorization": f"Bearer {made.stdout.strip()}"})
             assert r.status_code == 503 and "Retry-After" in r.headers
         suite.stop()
         assert not (fresh_dir / "run" / "api.sock").exists(), "api.sock left behind after a clean stop"

