@@ -79,13 +79,21 @@ class FairQueue:
             return 0.0
         return (ahead + 1) / limit * self.service_s
 
-    async def acquire(self, principal: str, priority: str, deadline: float) -> Place:
-        if priority not in self.waiting:
-            priority = "interactive"
+    def try_acquire(self) -> Place | None:
+        """A place now if one is free and nobody waits, else None (nothing queued). With
+        no await between this and a decision, two requests cannot both see the room."""
         if self.queued == 0 and self.in_flight < self.limit():
             self.in_flight += 1
             self.admitted += 1
             return Place(self)
+        return None
+
+    async def acquire(self, principal: str, priority: str, deadline: float) -> Place:
+        if priority not in self.waiting:
+            priority = "interactive"
+        place = self.try_acquire()
+        if place is not None:
+            return place
         if self.queued >= self.depth:
             wait = self.expected_wait(priority)
             raise APIError(429, f"the queue for model {self.model!r} is full ({self.queued} requests waiting); "
@@ -95,7 +103,10 @@ class FairQueue:
         self.waiting[priority].setdefault(principal, deque()).append(ticket)
         self.queued += 1
         try:
-            await asyncio.wait_for(asyncio.shield(ticket.future), max(0.0, deadline - time.time()))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+            # arrives as the place is granted, and the place would never be given back.
+            async with asyncio.timeout(max(0.0, deadline - time.time())):
+                await asyncio.shield(ticket.future)
         except TimeoutError:
             if not ticket.future.done():
                 self._forget(ticket)

@@ -121,14 +121,17 @@ class Dispatcher:
         return [c for c in chain if c not in remote], [c for c in chain if c in remote]
 
     async def open(self, who: Principal, request_id: str, model: str, body: dict[str, Any], deadline: float,
-                   gone: asyncio.Future[None], local_only: str | None) -> Opened:
+                   gone: asyncio.Future[None], local_only: str | None, stream: bool = True) -> Opened:
+        """The first model of the chain that gives a first reply. `stream`: whether the
+        client reads the reply as it comes (a provider is asked for one whole answer
+        otherwise: less work on both sides)."""
         tried, refused = self.candidates(model, local_only)
         failures: list[str] = []
         last_error: APIError | None = None
         for i, name in enumerate(tried):
             more = i + 1 < len(tried)
             try:
-                opened = await self._try(who, request_id, name, body, deadline, gone, overflow_ok=more)
+                opened = await self._try(who, request_id, name, body, deadline, gone, overflow_ok=more, stream=stream)
             except _Skip as skip:
                 failures.append(f"{name}: {skip.reason}")
                 last_error = skip.error
@@ -149,7 +152,7 @@ class Dispatcher:
         raise last_error
 
     async def _try(self, who: Principal, request_id: str, name: str, body: dict[str, Any], deadline: float,
-                   gone: asyncio.Future[None], overflow_ok: bool) -> Opened:
+                   gone: asyncio.Future[None], overflow_ok: bool, stream: bool) -> Opened:
         config = self.state.config
         queue = self.queues[name]
         local = name in config.models
@@ -158,22 +161,27 @@ class Dispatcher:
                 raise _Skip("has no live worker (starting, restarting or stopped)", "no_worker",
                             APIError(503, f"model {name!r} has no live worker (starting, restarting or stopped)",
                                      "no_worker", headers=self.state.retry_after))
+        # A free place is taken at once; only a request that would wait asks whether it
+        # should overflow (no await in between, so concurrent requests see what is left).
+        place = queue.try_acquire()
+        if place is None and local:
             overflow = config.models[name].overflow_wait_s
             wait = queue.expected_wait(who.priority)
             if overflow_ok and overflow > 0 and wait > overflow:
                 raise _Skip(f"would wait about {wait:.1f} s in its queue (overflow_wait_s = {overflow:g})",
                             "overflow", APIError(429, f"model {name!r} is overloaded", "overloaded",
                                                  headers=self.state.retry_after))
-        try:
-            place = await unless_gone(queue.acquire(who.name, who.priority, deadline), gone)
-        except APIError as exc:
-            if exc.status == 429 and overflow_ok:
-                raise _Skip("has a full queue", "queue_full", exc) from None
-            raise
+        if place is None:
+            try:
+                place = await unless_gone(queue.acquire(who.name, who.priority, deadline), gone)
+            except APIError as exc:
+                if exc.status == 429 and overflow_ok:
+                    raise _Skip("has a full queue", "queue_full", exc) from None
+                raise
         try:
             if local:
                 return await self._local(request_id, name, body, deadline, gone, place)
-            return await self._remote(name, body, deadline, gone, place)
+            return await self._remote(name, body, deadline, gone, place, stream)
         except BaseException:
             place.release()
             raise
@@ -198,12 +206,12 @@ class Dispatcher:
         return Opened(name, "local", first, replies, call.close, place)
 
     async def _remote(self, name: str, body: dict[str, Any], deadline: float, gone: asyncio.Future[None],
-                      place: Place) -> Opened:
+                      place: Place, stream: bool) -> Opened:
         remote = self.state.config.remote_models[name]
         provider = self.state.providers[remote.provider]
         upstream_body, sources = for_upstream(body, remote.default_max_tokens)
         try:
-            call = await unless_gone(provider.open(upstream_body, remote.model or name, deadline, stream=True), gone)
+            call = await unless_gone(provider.open(upstream_body, remote.model or name, deadline, stream=stream), gone)
         except UpstreamError as exc:
             raise self._upstream_failed(remote.provider, exc) from None
         try:

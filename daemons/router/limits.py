@@ -28,6 +28,7 @@ from daemons.router.errors import APIError
 log = logging.getLogger(__name__)
 
 MICRO = 1_000_000
+ADJECTIVE = {"day": "daily", "week": "weekly", "month": "monthly"}
 WINDOW_S = 60.0
 
 
@@ -136,7 +137,7 @@ class Limits:
             if st.spent + st.reserved + cost > budget:
                 left = max(0, budget - st.spent - st.reserved) / MICRO
                 raise LimitExceeded(
-                    f"principal {name!r} has {left:.6g} of its {limits.budget:g} {limits.budget_period}ly budget "
+                    f"principal {name!r} has {left:.6g} of its {limits.budget:g} {ADJECTIVE[limits.budget_period]} budget "
                     f"left (spent {st.spent / MICRO:.6g}, {st.reserved / MICRO:.6g} held by requests in flight); "
                     f"this request may cost up to {cost / MICRO:.6g}", "budget_exceeded",
                     st.period_end - now if st.reserved == 0 else self.retry_after_s)

@@ -55,10 +55,12 @@ def prompt_bytes(body: dict[str, Any]) -> tuple[int, int]:
     return sum(len(t.encode()) for t in texts), len(texts)
 
 
-def bounds(config: Config, model: str, body: dict[str, Any]) -> tuple[int, int]:
-    """(most prompt tokens, most completion tokens) the call can use on `model`."""
-    size, parts = prompt_bytes(body)
-    prompt = size + parts * TEMPLATE_TOKENS + PROMPT_BASE_TOKENS
+def bounds(config: Config, model: str, body: dict[str, Any],
+           size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(most prompt tokens, most completion tokens) the call can use on `model`
+    (`size`: the body's prompt_bytes, when the caller has them)."""
+    size_bytes, parts = size or prompt_bytes(body)
+    prompt = size_bytes + parts * TEMPLATE_TOKENS + PROMPT_BASE_TOKENS
     if model in config.models:
         m = config.models[model]
         context = min(m.n_ctx, m.kv_tokens) if m.engine == "batch" else m.n_ctx
@@ -71,7 +73,8 @@ def bounds(config: Config, model: str, body: dict[str, Any]) -> tuple[int, int]:
     return prompt, 0
 
 
-def max_cost(config: Config, model: str, body: dict[str, Any]) -> tuple[float, int]:
+def max_cost(config: Config, model: str, body: dict[str, Any],
+             size: tuple[int, int] | None = None) -> tuple[float, int]:
     """(the most the call can cost, the most tokens it can use) on `model`."""
-    prompt, completion = bounds(config, model, body)
+    prompt, completion = bounds(config, model, body, size)
     return price(config, model).cost(prompt, completion), prompt + completion

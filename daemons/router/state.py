@@ -114,9 +114,15 @@ class RouterState:
         return registry.expected_services(self.config)
 
 
-def get_state(request: Request) -> RouterState:
+def state_of(request: Request) -> RouterState:
     state: RouterState = request.app.state.onebox
     return state
+
+
+# The dependencies are coroutines on purpose: FastAPI runs a plain `def` dependency in a
+# worker thread, a round trip through the thread pool on every request.
+async def get_state(request: Request) -> RouterState:
+    return state_of(request)
 
 
 @dataclass(frozen=True)
@@ -141,16 +147,16 @@ def deadline_for(request: Request, state: RouterState) -> float:
     return time.time() + timeout
 
 
-def caller(request: Request) -> Caller:
+async def caller(request: Request) -> Caller:
     """The dependency every API route takes (the app adds it to each area's routes):
     identity first (401), then the deadline."""
-    state = get_state(request)
+    state = state_of(request)
     principal = state.identity.identify(scope_peer(request.scope), request.headers.get("authorization"))
     request.state.principal = principal
     return Caller(principal, deadline_for(request, state))
 
 
-def admin(who: Annotated[Caller, Depends(caller)]) -> Caller:
+async def admin(who: Annotated[Caller, Depends(caller)]) -> Caller:
     """The dependency of the admin endpoints: 403 for a principal that is not an admin."""
     if not who.principal.admin:
         raise APIError(403, f"principal {who.principal.name!r} is not an admin (admin = true in its "

@@ -19,9 +19,9 @@ client's own cost is in every figure, the same for every HTTP target.
       direct at the same percentile: what HTTP, FastAPI, the checks and the router's own
       bookkeeping cost on top of the bus round trip (the HTTP client's cost included).
       Targets: at 64 clients, added p50 <= 1 ms and p99 <= 5 ms.
-  (B) proxies in front of one fake upstream on loopback (tests/fakes/upstream.py when it
-      exists, else a minimal ASGI app on uvicorn in this file), which answers every chat
-      completion at once. upstream: the fake called directly; litellm: the LiteLLM proxy
+  (B) proxies in front of one fake upstream on loopback (tests/fakes/upstream.py's app
+      when it exists, else a minimal ASGI app in this file; either way on uvicorn on a
+      listener with TCP_NODELAY made here), which answers every chat completion at once. upstream: the fake called directly; litellm: the LiteLLM proxy
       (from PyPI, in its own venv: scripts/bench/litellm/requirements.txt) over TCP
       loopback; onebox tcp: the router with [providers.fake] / [remote_models.fake] over
       TCP loopback with an API key (onebox keys create); onebox uds: the same router over
@@ -40,7 +40,7 @@ what it turns on by default and does not need here turned off: telemetry
 (LITELLM_LOCAL_MODEL_COST_MAP=True), per-request logs (LITELLM_LOG=ERROR) and uvicorn's
 access log (a --log_config that silences uvicorn.access). It gets a master key
 (as onebox over TCP, every request is authenticated) and no database. Its first run
-installs it into var/bench/litellm-venv (a few minutes, once; --litellm-venv PATH reuses
+installs it into var/bench/litellm-venv (a minute or two, once; --litellm-venv PATH reuses
 another). Every figure is CPU-bound: run it on a quiet machine (the load average is
 printed before and after). A full run takes about 4.5 minutes on 2 cores (plus LiteLLM's
 install the first time), --quick about 2.

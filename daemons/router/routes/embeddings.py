@@ -4,7 +4,7 @@ or base64 vectors out, in input order, with usage.prompt_tokens."""
 from __future__ import annotations
 
 import base64
-import uuid
+import os
 from typing import Any, Literal
 
 import numpy as np
@@ -70,7 +70,7 @@ async def embeddings(request: Request, who: Caller = Depends(caller),
     body: dict[str, Any] = {"input": req.input}
     if req.onebox and req.onebox.truncate is not None:
         body["truncate"] = req.onebox.truncate
-    request_id = uuid.uuid4().hex
+    request_id = os.urandom(16).hex()
     meter = Meter(state, who.principal, request_id, req.model, "embedding")
     most = input_tokens(req.input)
     meter.grant = admit(state, meter, pricing.price(state.config, req.model).cost(most, 0), most)
