@@ -61,8 +61,10 @@ def setup_logging(level: str, name: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Access logs of every request would drown the journal; errors still show.
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # Access logs of every request would drown the journal; errors still show. httpx logs
+    # each upstream call at info; the router logs the ones that fail, with their reason.
+    for noisy in ("uvicorn.access", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def load_config_or_exit(path: str | None, sections: Iterable[str] | None = None) -> Config:

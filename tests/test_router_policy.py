@@ -178,9 +178,10 @@ def env() -> Iterator[Env]:
 
 
 @pytest.fixture(autouse=True)
-def reset_fakes(env: Env) -> None:
-    for fake in env.fakes.values():
-        fake.reset()
+def reset_fakes(request: pytest.FixtureRequest) -> None:
+    if "env" in request.fixturenames:
+        for fake in request.getfixturevalue("env").fakes.values():
+            fake.reset()
 
 
 # -- identity ------------------------------------------------------------------------
@@ -248,6 +249,13 @@ def test_keys_never_reach_logs_or_the_ledger(env: Env) -> None:
         for s in secrets:
             assert s.encode() not in data, f"a secret is in {f.name}"
             assert s.split("-")[-1].encode() not in data, f"a key's secret part is in {f.name}"
+
+
+def test_models_lists_remote_models(env: Env) -> None:
+    with env.tcp_client("alice") as c:
+        data = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+    assert data["a-model"]["owned_by"] == "a" and data["claude"]["kind"] == "chat"
+    assert data["smollm2"]["ready"] is False and data["slowlocal"]["ready"] is True
 
 
 # -- ledger and usage ----------------------------------------------------------------
@@ -495,3 +503,31 @@ def test_a_rag_request_over_a_local_only_collection_is_local_only() -> None:
     assert rag.local_only(state, req("public"), [{"collection": "public"}]) is None
     # Searching every collection: a source from the local_only one makes it local_only.
     assert "secret" in (rag.local_only(state, req(None), [{"collection": "public"}, {"collection": "secret"}]) or "")
+
+
+def test_the_ledger_keeps_every_call_across_a_clean_stop(fresh_dir: Path) -> None:
+    from daemons.ledger import open_ledger
+    with FakeUpstream() as fake:
+        config = write_config(fresh_dir, extra=f'[providers.f]\nbase_url = "{fake.url}/v1"\n'
+                                               '[remote_models.m]\nprovider = "f"\n')
+        suite = Suite(fresh_dir, config)
+        try:
+            suite.start_router()
+
+            async def run() -> list[str]:
+                transport = httpx.AsyncHTTPTransport(uds=str(suite.run_dir / "api.sock"))
+                async with httpx.AsyncClient(transport=transport, base_url="http://onebox", timeout=30) as c:
+                    rs = await asyncio.gather(*[c.post("/v1/chat/completions", json=chat("m")) for _ in range(40)])
+                assert all(r.status_code == 200 for r in rs)
+                return [r.headers["X-Request-Id"] for r in rs]
+            ids = asyncio.run(run())
+            suite.stop()  # SIGTERM at once: rows still waiting for their batch are written on the way out
+        finally:
+            suite.stop()
+    db = open_ledger(fresh_dir / "state" / "ledger.db", readonly=True)
+    try:
+        rows = db.all("SELECT request_id, status, provider FROM calls")
+    finally:
+        db.close()
+    assert sorted(r[0] for r in rows) == sorted(ids)
+    assert {(r[1], r[2]) for r in rows} == {(200, "f")}

@@ -39,6 +39,15 @@ path = "all_minilm_l6_v2/all-MiniLM-L6-v2.f16.gguf"
 
 [ingest]
 settle_s = 0.5
+
+# The key comes from /etc/onebox/credentials/openai through LoadCredential=; the test
+# runs a fake OpenAI-compatible server on this loopback port that checks it.
+[providers.openai]
+base_url = "http://127.0.0.1:18089/v1"
+
+[remote_models.gpt]
+provider = "openai"
+model = "fake-gpt"
 """
 
 

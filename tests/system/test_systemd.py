@@ -398,6 +398,27 @@ def test_feeder_thread_runs_sched_fifo(box: Box) -> None:
     assert int(main[main.rindex(")") + 2:].split()[41 - 3]) == 0  # only the feeder is real-time
 
 
+def test_the_socket_knows_who_calls(box: Box) -> None:
+    """A local user in the onebox group is identified by its uid (SO_PEERCRED, which a
+    user namespace would hide), accounted in the ledger, and is not an admin."""
+    box.require_installed()
+    box.sh("id tester >/dev/null 2>&1 || useradd -M -s /usr/sbin/nologin -G onebox tester")
+    body = json.dumps({"model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi."}]})
+
+    def as_tester(method: str, path: str, payload: str = "") -> tuple[int, str]:
+        rc, out = box.run("runuser", "-u", "tester", "--", VENV_PY, "-c", API_CALL, method, path, payload,
+                          timeout=90)
+        assert rc == 0, out
+        reply = json.loads(out.strip().splitlines()[-1])
+        return int(reply["status"]), str(reply["body"])
+    status, text = as_tester("POST", "/v1/chat/completions", body)
+    assert status == 200, text
+    assert as_tester("GET", "/v1/usage")[0] == 403
+    status, text = api(box, "GET", "/v1/usage?since=1h&by=principal")  # root: an admin
+    assert status == 200, text
+    assert "unix:tester" in [row["principal"] for row in json.loads(text)["data"]], text
+
+
 def test_provider_credentials_reach_the_router(box: Box) -> None:
     box.require_installed()
     rc, out = box.run("cat", "/run/credentials/onebox-router.service/providers_openai")
@@ -406,6 +427,20 @@ def test_provider_credentials_reach_the_router(box: Box) -> None:
     rc, env = box.run("cat", f"/proc/{pid}/environ")
     assert "CREDENTIALS_DIRECTORY=/run/credentials/onebox-router.service" in env.split("\0")
     assert "sk-test" not in env
+    # The router sends that key upstream: a fake provider that refuses any other answers.
+    rc, out = box.run("systemd-run", "--unit", "fake-upstream", f"--working-directory={SRC}", VENV_PY, "-m",
+                      "tests.fakes.upstream", "--port", "18089", "--key", "sk-test-not-a-real-key")
+    assert rc == 0, out
+    try:
+        def answered() -> bool:
+            status, text = api(box, "POST", "/v1/chat/completions", {
+                "model": "gpt", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi."}]})
+            assert status in (200, 502, 503), text  # 502/503 until the fake listens
+            return status == 200
+        wait_until(answered, 30, "a chat through the provider with the credential's key")
+    finally:
+        box.run("systemctl", "stop", "fake-upstream")
+    assert "sk-test" not in journal(box, ROUTER)
 
 
 def test_tune_dropins_place_the_feeder(box: Box) -> None:

@@ -20,11 +20,14 @@ async def models(state: RouterState = Depends(get_state)) -> dict[str, Any]:
     """Chat models and embedding models (`kind`), each with whether a worker serves it now."""
     listed = [(name, "chat", infer_service(name)) for name in state.config.models]
     listed += [(name, "embedding", f"embed/{name}") for name in state.config.embeddings]
-    return {
-        "object": "list",
-        "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "onebox", "kind": kind,
-             "ready": bool(state.broker.live(service))}
-            for name, kind, service in listed
-        ],
-    }
+    data: list[dict[str, Any]] = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "onebox", "kind": kind,
+         "ready": bool(state.broker.live(service))}
+        for name, kind, service in listed
+    ]
+    # Models served by a provider: "ready" unless its circuit is open.
+    for name, remote in state.config.remote_models.items():
+        provider = state.providers.get(remote.provider)
+        data.append({"id": name, "object": "model", "created": 0, "owned_by": remote.provider, "kind": "chat",
+                     "ready": provider is not None and provider.state != "open"})
+    return {"object": "list", "data": data}
