@@ -132,6 +132,12 @@ class Dispatcher:
             more = i + 1 < len(tried)
             try:
                 opened = await self._try(who, request_id, name, body, deadline, gone, overflow_ok=more, stream=stream)
+            except APIError as exc:
+                if more or not refused or exc.status not in ELSEWHERE:
+                    raise
+                last_error = exc  # the last local model is full: say what was not tried instead
+                failures.append(f"{name}: {exc.message}")
+                break
             except _Skip as skip:
                 failures.append(f"{name}: {skip.reason}")
                 last_error = skip.error
@@ -188,22 +194,29 @@ class Dispatcher:
 
     async def _local(self, request_id: str, name: str, body: dict[str, Any], deadline: float,
                      gone: asyncio.Future[None], place: Place) -> Opened:
-        call = await unless_gone(self.state.broker.call(infer_service(name), body, deadline, call_id=request_id),
-                                 gone)
+        try:
+            # The worker may have gone while the request waited its turn (NoWorker, 503).
+            call = await unless_gone(self.state.broker.call(infer_service(name), body, deadline,
+                                                            call_id=request_id), gone)
+        except BusError as exc:
+            raise self._local_failed(exc) from None
         replies = aiter(call)
         try:
             first = await unless_gone(anext(replies), gone)
         except BusError as exc:
             await call.close()
-            if exc.code in ELSEWHERE:
-                raise _Skip(f"failed ({exc.code}: {exc.message})", "error",
-                            APIError(exc.code, exc.message, _bus_code(exc.code),
-                                     headers=self.state.retry_after if exc.code in (429, 503) else {})) from None
-            raise
+            raise self._local_failed(exc) from None
         except BaseException:
             await call.close()
             raise
         return Opened(name, "local", first, replies, call.close, place)
+
+    def _local_failed(self, exc: BusError) -> Exception:
+        if exc.code in ELSEWHERE:
+            return _Skip(f"failed ({exc.code}: {exc.message})", "error",
+                         APIError(exc.code, exc.message, _bus_code(exc.code),
+                                  headers=self.state.retry_after if exc.code in (429, 503) else {}))
+        return exc
 
     async def _remote(self, name: str, body: dict[str, Any], deadline: float, gone: asyncio.Future[None],
                       place: Place, stream: bool) -> Opened:

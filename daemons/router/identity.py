@@ -11,6 +11,7 @@ admins (they can read every database the router keeps anyway). Another local use
 
 from __future__ import annotations
 
+import functools
 import grp
 import logging
 import os
@@ -71,7 +72,8 @@ class Identity:
             if peer.uid in (0, self.own_uid):
                 return self._principal("root" if peer.uid == 0 else f"unix:{_user(peer.uid)}", f"uid {peer.uid}",
                                        admin=True)
-            if authorization is None and self.config.auth.unix_unlisted == "allow":
+            if self.config.auth.unix_unlisted == "allow":
+                # Whatever it sends: OpenAI clients always send some api_key.
                 return self._principal(f"unix:{_user(peer.uid)}", f"uid {peer.uid}")
         return self._by_key(authorization)
 
@@ -120,7 +122,9 @@ class Identity:
         return names
 
 
+@functools.lru_cache(maxsize=4096)
 def _user(uid: int) -> str:
+    """The user's name (cached: under LDAP or sssd each lookup may be a network call)."""
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:

@@ -34,6 +34,12 @@ class Meter:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.grant: Grant | None = None
+        # For a call that ends without usage (client gone, stream broken, a provider that
+        # reports none): the prompt's bound and the pieces streamed are what it is billed.
+        self.prompt_bound = 0
+        self.pieces = 0
+        self.opened = False
+        state.meters.add(self)  # finished by RouterState.close() if the router stops first
         self.served_by = model
         self.provider = "local"
         self.done = False
@@ -41,10 +47,12 @@ class Meter:
     def serving(self, model: str, provider: str) -> None:
         self.served_by = model
         self.provider = provider
+        self.opened = True
 
     def token(self) -> None:
         """A piece of output reached the client (or is ready for it)."""
         now = time.monotonic()
+        self.pieces += 1
         if self.first_at is None:
             self.first_at = now
         elif self.last_at is not None:
@@ -55,10 +63,17 @@ class Meter:
         if self.done:
             return
         self.done = True
+        self.state.meters.discard(self)
         usage = usage or {}
         prompt = int(usage.get("prompt_tokens", 0) or 0)
         completion = int(usage.get("completion_tokens", 0) or 0)
         cached = int(usage.get("cached_tokens", 0) or 0)
+        if self.opened and not prompt and not completion and self.kind != "embedding":
+            # Work was done and nobody said how much: never free. The prompt at its bound,
+            # a token per piece streamed (a local engine streams one piece per token).
+            prompt, completion = self.prompt_bound, self.pieces
+            note = "no usage reported: billed the prompt's bound and a token per piece streamed"
+            error = f"{error}; {note}" if error else note
         cost = pricing.price(self.state.config, self.served_by).cost(prompt, completion)
         duration = time.monotonic() - self.started
         ttft = None if self.first_at is None else self.first_at - self.started

@@ -21,7 +21,7 @@ from daemons.ledger.files import key_paths, ledger_path
 from daemons.router.errors import APIError
 from daemons.router.identity import Identity, Principal
 from daemons.router.index import Index
-from daemons.router.limits import Limits
+from daemons.router.limits import Limits, period_bounds
 from daemons.router.metrics import Metrics
 from daemons.router.peer import scope_peer
 from daemons.router.upstream import Provider, ProviderSpec
@@ -29,6 +29,7 @@ from daemons.store import Database
 
 if TYPE_CHECKING:
     from daemons.router.dispatch import Dispatcher
+    from daemons.router.meter import Meter
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class RouterState:
         self.ledger = Ledger(ledger_path(self.config))
         self.limits = Limits(self._spent_since, self.config.router.retry_after_s)
         self.dispatch: Dispatcher = Dispatcher(self)
+        self.meters: set[Meter] = set()  # calls not yet in the ledger
+        self._spent: dict[float, dict[str, float]] = {}
         self._keys_db: Database | None = None
         self._identity: Identity | None = None
         self.metrics.watch_workers(self.broker.snapshot, self.expected_services)
@@ -82,11 +85,23 @@ class RouterState:
         self._keys_db = open_keys(keys_path)
         self._identity = Identity(self.config, KeyStore(self._keys_db, load_secret(secret_path)))
         self.ledger.open()
+        # What each principal has spent in its current budget period, read once here (a
+        # scan of the period) rather than on the event loop at its first request.
+        periods = {p.budget_period for p in [*self.config.principals.values(), self.config.principal("")]
+                   if p.budget > 0}
+        now = time.time()
+        for period in periods:
+            start = period_bounds(period, now)[0]
+            self._spent[start] = self.ledger.spend_by_principal(start)
         for name, pc in self.config.providers.items():
             self.providers[name] = provider(name, pc, self.metrics.circuit_state)
             self.metrics.circuit_state(name, "closed")
 
     async def close(self) -> None:
+        # Calls the stop cut short (their tasks cancelled, not yet unwound) still get
+        # their ledger row before the ledger closes.
+        for meter in list(self.meters):
+            meter.finish(499, error="the router stopped before the call ended")
         for provider in self.providers.values():
             await provider.aclose()
         self.ledger.close()
@@ -104,7 +119,8 @@ class RouterState:
         return self.identity.keys
 
     def _spent_since(self, principal: str, since: float) -> float:
-        return self.ledger.spend_by_principal(since).get(principal, 0.0)
+        # A period that began after open() has no spend before it that matters.
+        return self._spent.get(since, {}).get(principal, 0.0)
 
     @property
     def retry_after(self) -> dict[str, str]:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from daemons.bus.errors import BusError
 from daemons.router import errors, pricing, rag
@@ -85,8 +86,10 @@ async def generate(state: RouterState, req: Sampling, body: dict[str, Any], requ
         meter.finish(exc.status, error=exc.message)
         raise
     size = pricing.prompt_bytes(body)
-    cost, tokens = max(pricing.max_cost(state.config, m, body, size) for m in chain)
-    meter.grant = admit(state, meter, cost, tokens)
+    bounds = [pricing.max_cost(state.config, m, body, size) for m in chain]
+    # The chain's worst case in each: a cheap fallback may use more tokens than a dear model.
+    meter.grant = admit(state, meter, max(b[0] for b in bounds), max(b[1] for b in bounds))
+    meter.prompt_bound = max(pricing.bounds(state.config, m, body, size)[0] for m in chain)
     gone = watch(request)
     opened: Opened | None = None
     streaming = False
@@ -98,7 +101,7 @@ async def generate(state: RouterState, req: Sampling, body: dict[str, Any], requ
         if req.stream:
             # The response closes the call, finishes the meter and listens for the client.
             streaming = True
-            return StreamingResponse(
+            return ClosingStream(
                 stream(state, opened, shape, req.include_usage, meter),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": request_id},
@@ -113,6 +116,22 @@ async def generate(state: RouterState, req: Sampling, body: dict[str, Any], requ
         gone.cancel()
         if opened is not None and not streaming:
             await opened.close()  # sends CANCEL unless the call finished; frees its queue place
+
+
+class ClosingStream(StreamingResponse):
+    """A StreamingResponse that closes its body generator however the response ends.
+    Starlette cancels a response whose client leaves while a send is blocked (a stalled
+    reader) and leaves the generator suspended at its `yield`: its `finally` — the
+    ledger row, the budget settled, the queue place and the worker's CANCEL — would
+    wait for the garbage collector."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            body = self.body_iterator
+            if isinstance(body, AsyncGenerator):
+                await body.aclose()
 
 
 async def stream(state: RouterState, opened: Opened, shape: Shape, include_usage: bool,

@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, cast
 
+import aiohttp
 import httpx
 import httpx_aiohttp
 import orjson
@@ -257,7 +258,7 @@ class Provider:
         request = self._client.build_request("POST", path, content=content, timeout=timeout)
         try:
             response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc) from None
         keep = False
         try:
@@ -276,14 +277,19 @@ class Provider:
                 raise errors.protocol(f"answered {response.status_code} with a body that is not JSON: "
                                       f"{self._redact(error_reason(response.content))}") from None
             return self._adapter.whole(data)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc) from None
         finally:
             if not keep:
                 await response.aclose()
 
-    def _transport_error(self, exc: httpx.HTTPError) -> UpstreamError:
+    def _transport_error(self, exc: httpx.HTTPError | aiohttp.ClientError) -> UpstreamError:
         what = type(exc).__name__
+        if isinstance(exc, aiohttp.ClientError):
+            # What httpx-aiohttp passes through untranslated: a malformed reply, mostly.
+            if isinstance(exc, aiohttp.ClientConnectionError) and not isinstance(exc, aiohttp.ServerDisconnectedError):
+                return errors.connect(f"connection failed ({what})")
+            return errors.protocol(f"broke the HTTP protocol ({what})")
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
             return errors.connect(f"cannot connect ({what})")
         if isinstance(exc, httpx.PoolTimeout):
@@ -394,7 +400,7 @@ class UpstreamCall:
             raise errors.timeout("the stream did not end before the call's deadline") from None
         except httpx.TimeoutException as exc:
             raise errors.timeout(f"the stream stalled ({type(exc).__name__})") from None
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, aiohttp.ClientError) as exc:
             raise errors.protocol(f"the stream broke off ({type(exc).__name__})") from None
 
     async def close(self) -> None:
