@@ -29,12 +29,14 @@ from typing import Any, Protocol
 
 import zmq
 
+from daemons import __version__
 from daemons.bus import protocol as p
 from daemons.bus.droplog import DropLog
 from daemons.bus.handoff import Handoff
 from daemons.bus.errors import RequestError
 from daemons.config import BusConfig
 
+STARTED_AT = time.time()  # this process, about when it started (the module loads at start)
 log = logging.getLogger(__name__)
 
 RECONNECT_IVL_MS = 100
@@ -152,7 +154,9 @@ class Worker:
         self._poller.register(self.emitter.fd, zmq.POLLIN)
         self._send_control(p.READY, {
             "version": p.VERSION, "service": self.service, "capacity": self.capacity,
-            "heartbeat_ms": int(self.bus.heartbeat_interval_s * 1000), "pid": os.getpid(), **self.meta,
+            "heartbeat_ms": int(self.bus.heartbeat_interval_s * 1000), "pid": os.getpid(),
+            # For `onebox status` (meta keys reach /v1/status): what runs and since when.
+            "onebox_version": __version__, "started_at": STARTED_AT, **self.meta,
         })
         now = time.monotonic()
         self._broker_expiry = now + self._silence_limit()

@@ -18,6 +18,15 @@ TOOLS = {
     "documents": ("daemons.ctl.documents_cmd", "list the indexed documents and the files waiting, with their status"),
     "keys": ("daemons.ctl.keys_cmd", "create, list and revoke API keys"),
     "usage": ("daemons.ctl.usage_cmd", "what each principal, model or day used and cost (the ledger)"),
+    "status": ("daemons.ctl.status_cmd", "the suite on one screen: daemons, models, queues, today's usage"),
+    "plan": ("daemons.ctl.plan_cmd", "plan KV-cache memory: users that fit a budget and the [models] table for them"),
+    "doctor": ("daemons.ctl.doctor_cmd", "check the host (kernel, cgroups, real-time, disk, GPU, memory) and say "
+                                         "what to change"),
+    "loadtest": ("daemons.ctl.loadtest_cmd", "ramp simulated users against the running suite and find where it "
+                                             "breaks"),
+    "backup": ("daemons.ctl.backup_cmd", "an online backup of the databases, config, markdown cache and keys"),
+    "restore": ("daemons.ctl.restore_cmd", "bring a backup back onto a fresh install"),
+    "report": ("daemons.ctl.report_cmd", "one HTML page to hand on: doctor, plan, tune, load test, data protection"),
     "mcp": ("daemons.ctl.mcp_cmd", "serve the Model Context Protocol on stdio (search and read the documents)"),
 }
 COMMANDS = {**{d.cmd: (d.module, d.summary) for d in registry.DAEMONS}, **TOOLS}

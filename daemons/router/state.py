@@ -69,6 +69,7 @@ class RouterState:
         # No I/O here (open() does it): the app and its state can be built in a test.
         from daemons.router.dispatch import Dispatcher
 
+        self.started_at = time.time()
         self.metrics = Metrics(self.registry)
         self.ledger = Ledger(ledger_path(self.config))
         self.limits = Limits(self._spent_since, self.config.router.retry_after_s)

@@ -4,12 +4,14 @@ adds the check to every route here)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from daemons import __version__
 from daemons.ledger import open_ledger, parse_since, totals, usage
 from daemons.router.body import parse_body
 from daemons.router.errors import APIError
@@ -34,7 +36,8 @@ async def status(state: RouterState = Depends(get_state)) -> dict[str, Any]:
     remote = {name: {"provider": r.provider, "router_queue": queues[name],
                      "circuit": state.providers[r.provider].state if r.provider in state.providers else "unknown"}
               for name, r in state.config.remote_models.items()}
-    return {"object": "status", "models": models, "remote_models": remote, "services": dict(sorted(services.items())),
+    router = {"pid": os.getpid(), "onebox_version": __version__, "started_at": state.started_at}
+    return {"object": "status", "router": router, "models": models, "remote_models": remote, "services": dict(sorted(services.items())),
             "bus_clients": snap["clients"], "ledger": {"written": state.ledger.written,
                                                        "pending": state.ledger.pending()}}
 
