@@ -19,8 +19,11 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(state: RouterState = Depends(get_state)) -> JSONResponse:
-    """200 once every enabled service has a live worker, else 503 naming the missing ones."""
-    services = {name: len(entry["workers"]) for name, entry in state.broker.snapshot()["services"].items()}
+    """200 once every enabled service has a live worker, else 503 naming the missing ones.
+    A worker that is draining (it said DISCONNECT with requests still in flight, as a
+    stalled engine does) takes no new requests, so it does not count."""
+    services = {name: sum(not w["draining"] for w in entry["workers"])
+                for name, entry in state.broker.snapshot()["services"].items()}
     expected = state.expected_services()
     for name in expected:
         services.setdefault(name, 0)
