@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +52,18 @@ def clean_env() -> dict[str, str]:
     """This process's environment without anything that would steer the daemons."""
     return {k: v for k, v in os.environ.items()
             if not k.startswith("ONEBOX") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM")}
+
+
+def interrupt(proc: subprocess.Popen[Any], timeout: float = 30.0) -> tuple[Any, Any]:
+    """Ctrl-C for a command under test: SIGINT, then what it printed as it ended; killed
+    (and reaped) if it has not ended within `timeout`."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
 
 
 class Suite(launcher.Suite):

@@ -60,6 +60,13 @@ def queue(limit: int | Callable[[], int] = 1, depth: int = 100, retry_after_s: f
     return FairQueue("m", depth, limit if callable(limit) else (lambda: limit), retry_after_s)
 
 
+async def held_by_one() -> tuple[FairQueue, Place, Crowd]:
+    """A queue of one place, held by "X" (everyone after waits), and a crowd for it."""
+    q = queue(limit=1)
+    blocker = await q.acquire("X", "interactive", far())
+    return q, blocker, Crowd(q)
+
+
 # -- placing ------------------------------------------------------------------------
 
 
@@ -98,9 +105,7 @@ def test_an_unknown_priority_is_queued_as_interactive() -> None:
 
 def test_principals_take_turns_and_each_is_served_in_order() -> None:
     async def main() -> None:
-        q = queue(limit=1)
-        blocker = await q.acquire("X", "interactive", far())
-        crowd = Crowd(q)
+        q, blocker, crowd = await held_by_one()
         for i in range(1, 6):
             crowd.want(f"H{i}", "H")
         await spin()
@@ -125,9 +130,7 @@ def test_principals_take_turns_and_each_is_served_in_order() -> None:
 
 def test_round_robin_over_three_principals_and_one_joining_later() -> None:
     async def main() -> None:
-        q = queue(limit=1)
-        blocker = await q.acquire("X", "interactive", far())
-        crowd = Crowd(q)
+        q, blocker, crowd = await held_by_one()
         for i in range(1, 4):
             crowd.want(f"A{i}", "A")
         for i in range(1, 3):
@@ -153,9 +156,7 @@ def test_interactive_goes_first_and_batch_gets_one_place_in_batch_share() -> Non
     assert BATCH_SHARE == 5
 
     async def main() -> None:
-        q = queue(limit=1)
-        blocker = await q.acquire("X", "interactive", far())
-        crowd = Crowd(q)
+        q, blocker, crowd = await held_by_one()
         for i in range(1, 4):
             crowd.want(f"b{i}", "batcher", "batch")  # batch queued first
         for i in range(1, 11):
@@ -174,9 +175,7 @@ def test_interactive_goes_first_and_batch_gets_one_place_in_batch_share() -> Non
 
 def test_batch_alone_is_served_and_interactive_arriving_later_overtakes_it() -> None:
     async def main() -> None:
-        q = queue(limit=1)
-        blocker = await q.acquire("X", "interactive", far())
-        crowd = Crowd(q)
+        q, blocker, crowd = await held_by_one()
         for i in range(1, 4):
             crowd.want(f"b{i}", "batcher", "batch")
         await spin()
@@ -236,9 +235,7 @@ def test_a_full_queue_retry_after_is_never_below_retry_after_s() -> None:
 
 def test_a_deadline_passing_while_waiting_is_a_504_and_the_ticket_is_dropped() -> None:
     async def main() -> None:
-        q = queue(limit=1)
-        blocker = await q.acquire("X", "interactive", far())
-        crowd = Crowd(q)
+        q, blocker, crowd = await held_by_one()
         crowd.want("late", "alice", deadline=time.time() + 0.05)
         crowd.want("patient", "bob")
         await spin()
@@ -284,9 +281,7 @@ def test_a_deadline_already_past_is_a_504_without_waiting() -> None:
 
 def test_a_cancelled_waiter_leaves_no_ticket_and_no_place() -> None:
     async def main() -> None:
-        q = queue(limit=1)
-        blocker = await q.acquire("X", "interactive", far())
-        crowd = Crowd(q)
+        q, blocker, crowd = await held_by_one()
         for label in ("H1", "H2", "H3"):
             crowd.want(label, "H")
         crowd.want("L1", "L")
@@ -316,9 +311,7 @@ def test_a_waiter_cancelled_as_it_is_granted_gives_the_place_back() -> None:
     one will ever release."""
 
     async def main() -> None:
-        q = queue(limit=1)
-        blocker = await q.acquire("X", "interactive", far())
-        crowd = Crowd(q)
+        q, blocker, crowd = await held_by_one()
         crowd.want("a", "alice")
         crowd.want("b", "bob")
         await spin()
@@ -338,9 +331,7 @@ def test_a_waiter_cancelled_as_it_is_granted_gives_the_place_back() -> None:
 
 def test_a_waiter_cancelled_just_before_it_is_granted_gives_the_place_back() -> None:
     async def main() -> None:
-        q = queue(limit=1)
-        blocker = await q.acquire("X", "interactive", far())
-        crowd = Crowd(q)
+        q, blocker, crowd = await held_by_one()
         crowd.want("a", "alice")
         crowd.want("b", "bob")
         await spin()

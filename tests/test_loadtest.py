@@ -9,7 +9,6 @@ import json
 import os
 import random
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from daemons.loadtest.stats import Dist, Step, Targets, percentile, steps_for, v
 from daemons.loadtest.target import chat_models
 from daemons.loadtest.users import Outcome
 from daemons.loadtest.workload import Shape, UsageError, Workload, parse_weights
-from tests.harness import running_suite, write_config
+from tests.harness import interrupt, running_suite, write_config
 
 LOADTEST = [sys.executable, "-m", "daemons.ctl.loadtest_cmd"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -191,12 +190,8 @@ def test_ctrl_c_mid_step_reports_what_it_has_over_tcp_with_a_key(target: Target,
         assert proc.stderr is not None
         read_until(proc.stderr, "step 1/3", timeout=30)
         time.sleep(0.7)  # into step 2
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stdout, stderr = interrupt(proc)
     text = stdout.decode()
     assert proc.returncode == 130, text + stderr.decode()
     assert "interrupted after" in text and "interrupted at 2 user(s)" in text

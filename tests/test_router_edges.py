@@ -230,7 +230,7 @@ def test_a_disconnect_during_a_blocked_send_releases_place_and_grant_without_gc(
 # the tokens reserved at admission are those of the chain's most
 # expensive model, not the most any model of the chain can use.
 #
-# generate() takes `max(pricing.max_cost(...) for m in chain)` over (cost, tokens) tuples:
+# generate() once took `max(pricing.max_cost(...) for m in chain)` over (cost, tokens) tuples:
 # the tuple with the highest cost wins and its token count comes with it. When a cheaper
 # (or free) fallback may use more tokens (a larger default_max_tokens or context), a
 # fallback spends more tokens than were reserved and tokens_per_min is overspent.

@@ -8,7 +8,6 @@ import json
 import os
 import pty
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from daemons.ctl import api, status_cmd
-from tests.harness import clean_env, running_suite, write_config
+from tests.harness import clean_env, interrupt, running_suite, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STATUS = [sys.executable, "-m", "daemons.ctl.status_cmd"]
@@ -191,14 +190,8 @@ def test_watch_redraws_until_ctrl_c_and_a_pipe_gets_plain_screens(fresh_dir: Pat
     config = write_config(fresh_dir)
     proc = subprocess.Popen([*STATUS, "--config", str(config), "--watch", "0.2"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=ROOT)
-    try:
-        time.sleep(2.0)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+    time.sleep(2.0)
+    out, err = interrupt(proc, timeout=20)
     assert proc.returncode == 69, err  # the last screen's status
     assert out.count("!! ROUTER NOT ANSWERING") >= 2
     assert "(every 0.2 s, Ctrl-C to stop)" in out
@@ -218,12 +211,8 @@ def test_watch_on_a_terminal_redraws_in_place_in_colour(fresh_dir: Path) -> None
         while seen.count(status_cmd.CLEAR.encode()) < 2 and time.monotonic() < deadline:
             if select.select([master], [], [], 0.5)[0]:
                 seen += os.read(master, 65536)
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=20)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=5)
+        interrupt(proc, timeout=20)
         os.close(master)
     text = seen.decode(errors="replace")
     assert text.count(status_cmd.CLEAR) >= 2, text

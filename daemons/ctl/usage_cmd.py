@@ -12,7 +12,7 @@ from typing import Any
 from daemons.config import ConfigError
 from daemons.ctl import api
 from daemons.ctl.api import APIError
-from daemons.ledger import open_ledger, parse_since, totals, usage
+from daemons.ledger import parse_since, report
 from daemons.ledger.files import ledger_path
 from daemons.store import StoreError
 
@@ -55,13 +55,7 @@ def fetch(args: argparse.Namespace) -> dict[str, Any]:
     path = ledger_path(config)
     if not path.exists():
         raise APIError(f"the router is not answering and there is no ledger at {path}")
-    db = open_ledger(path, readonly=True)
-    try:
-        return {"object": "usage", "since": since, "until": until, "by": args.by,
-                "currency": config.costs.currency, "data": usage(db, since, until, args.by),
-                "total": totals(db, since, until)}
-    finally:
-        db.close()
+    return report(path, since, until, args.by, config.costs.currency)
 
 
 def main(argv: list[str] | None = None) -> int:

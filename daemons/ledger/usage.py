@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
+from daemons.ledger.schema import open_ledger
 from daemons.store import Database
 
 By = Literal["principal", "model", "day", "provider"]
@@ -80,6 +82,17 @@ def totals(db: Database, since: float | None, until: float | None) -> dict[str, 
     where, args = _where(since, until)
     rows = db.rows(f"SELECT {_AGGREGATES} FROM calls{where}", args)
     return _typed(rows[0])
+
+
+def report(path: Path, since: float, until: float | None, by: By, currency: str) -> dict[str, Any]:
+    """The usage answer (GET /v1/usage and `onebox usage` give the same): the rows by
+    `by` and the totals, read from the ledger at `path` in one read-only connection."""
+    db = open_ledger(path, readonly=True)
+    try:
+        return {"object": "usage", "since": since, "until": until, "by": by, "currency": currency,
+                "data": usage(db, since, until, by), "total": totals(db, since, until)}
+    finally:
+        db.close()
 
 
 def parse_since(text: str, now: float) -> float:

@@ -73,8 +73,20 @@ def bounds(config: Config, model: str, body: dict[str, Any],
     return prompt, 0
 
 
-def max_cost(config: Config, model: str, body: dict[str, Any],
-             size: tuple[int, int] | None = None) -> tuple[float, int]:
-    """(the most the call can cost, the most tokens it can use) on `model`."""
-    prompt, completion = bounds(config, model, body, size)
-    return price(config, model).cost(prompt, completion), prompt + completion
+@dataclass(frozen=True)
+class Bound:
+    """The most a call can cost, use in tokens, and send as prompt."""
+    cost: float
+    tokens: int
+    prompt: int
+
+
+def chain_bound(config: Config, chain: list[str], body: dict[str, Any]) -> Bound:
+    """The worst case over every model the call may end on, in each figure on its own:
+    a cheap fallback may use more tokens than a dear model."""
+    size = prompt_bytes(body)
+    each = []
+    for model in chain:
+        prompt, completion = bounds(config, model, body, size)
+        each.append(Bound(price(config, model).cost(prompt, completion), prompt + completion, prompt))
+    return Bound(max(b.cost for b in each), max(b.tokens for b in each), max(b.prompt for b in each))

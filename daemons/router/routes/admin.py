@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from daemons import __version__
-from daemons.ledger import open_ledger, parse_since, totals, usage
+from daemons.ledger import parse_since, report
 from daemons.router.body import parse_body
 from daemons.router.errors import APIError
 from daemons.router.state import RouterState, get_state
@@ -87,14 +87,8 @@ async def get_usage(state: RouterState = Depends(get_state),
     except ValueError as exc:
         raise APIError(400, str(exc), "invalid_request", "since") from None
 
-    def query() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def query() -> dict[str, Any]:
         state.ledger.flush(5.0)
-        db = open_ledger(state.ledger.path, readonly=True)
-        try:
-            return usage(db, start, end, by), totals(db, start, end)
-        finally:
-            db.close()
+        return report(state.ledger.path, start, end, by, state.config.costs.currency)
 
-    rows, total = await asyncio.to_thread(query)
-    return {"object": "usage", "since": start, "until": end, "by": by, "currency": state.config.costs.currency,
-            "data": rows, "total": total}
+    return await asyncio.to_thread(query)

@@ -85,11 +85,9 @@ async def generate(state: RouterState, req: Sampling, body: dict[str, Any], requ
     except APIError as exc:
         meter.finish(exc.status, error=exc.message)
         raise
-    size = pricing.prompt_bytes(body)
-    bounds = [pricing.max_cost(state.config, m, body, size) for m in chain]
-    # The chain's worst case in each: a cheap fallback may use more tokens than a dear model.
-    meter.grant = admit(state, meter, max(b[0] for b in bounds), max(b[1] for b in bounds))
-    meter.prompt_bound = max(pricing.bounds(state.config, m, body, size)[0] for m in chain)
+    bound = pricing.chain_bound(state.config, chain, body)
+    meter.grant = admit(state, meter, bound.cost, bound.tokens)
+    meter.prompt_bound = bound.prompt
     gone = watch(request)
     opened: Opened | None = None
     streaming = False
