@@ -98,11 +98,13 @@ def context_params(n_ctx: int, n_batch: int, n_seq_max: int, threads: int) -> An
 
 def init_context(model: Any, params: Any, what: str) -> tuple[Any, int]:
     """A llama_context and the bytes of compute/output buffers llama.cpp reserved for it
-    (read from its own log lines); LlamaError if it could not be made."""
+    (read from its own log lines); LlamaError if it could not be made, with llama.cpp's
+    last log line (its reason, e.g. "quantized V cache requires flash_attn to be enabled")."""
     with forward_llama_logs().capture() as lines:
         ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:
-        raise LlamaError(f"llama_init_from_model failed ({what})")
+        said = next((line.strip() for line in reversed(lines) if line.strip()), "")
+        raise LlamaError(f"llama_init_from_model failed ({what})" + (f": {said}" if said else ""))
     return ctx, int(sum(float(m.group(1)) for m in map(BUFFER_MIB.search, lines) if m) * 2**20)
 
 

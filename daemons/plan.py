@@ -1,11 +1,12 @@
 """The KV-cache planner's arithmetic (`onebox plan`): pure functions of a model's shape.
 
-A KV cell is one token of context in every layer: per layer, n_head_kv x key_length
-elements of K and n_head_kv x value_length of V, stored in the cache type's blocks
-(llama.cpp's ggml_row_size). For a model whose every layer has the same KV heads this
-is the daemon's own formula (daemons/infer/native.py KvShape: layers x KV heads x
-(key + value) x 2 B for f16), which is what it checks its budget with at start; the
-totals go through the daemon's MemoryPlan so the two add up the same way.
+A KV cell is one token of context in every layer: per layer, n_head_kv heads of
+key_length values of K and of value_length values of V, stored in the cache type's
+blocks (llama.cpp's ggml_row_size; it refuses a quantized type whose blocks do not
+divide a head). For a model whose every layer has the same KV heads this is the
+daemon's own formula (daemons/infer/native.py KvShape: layers x KV heads x (key +
+value) x bytes per value of its kv_type), which is what it checks its budget with at
+start; the totals go through the daemon's MemoryPlan so the two add up the same way.
 
 Compute buffers are an estimate, from the shape of llama.cpp's graph (see
 compute_estimate); everything else is exact arithmetic.
@@ -70,17 +71,23 @@ def row_bytes(elements: int, kv_type: str) -> int:
     return elements // block * size
 
 
+def head_bytes(arch: Arch, kv_type: str) -> int:
+    """One KV head's K and V in one layer; ValueError when a head is not whole blocks
+    (llama.cpp checks each head: "does not divide n_embd_head_k")."""
+    return row_bytes(arch.key_length, kv_type) + row_bytes(arch.value_length, kv_type)
+
+
 def bytes_per_cell(arch: Arch, kv_type: str = "f16") -> int:
     """What llama.cpp allocates per cell: every layer's K and V rows. With swa_full (its
     default, which onebox leaves on) sliding-window layers get full-size caches too."""
-    return sum(row_bytes(h * arch.key_length, kv_type) + row_bytes(h * arch.value_length, kv_type)
-               for h in arch.n_head_kv)
+    return sum(arch.n_head_kv) * head_bytes(arch, kv_type)
 
 
-def daemon_bytes_per_cell(arch: Arch) -> int:
+def daemon_bytes_per_cell(arch: Arch, kv_type: str) -> int:
     """The daemon's own figure (KvShape.bytes_per_cell): layer 0's KV heads in every
-    layer, f16. Equal to bytes_per_cell(arch) unless the heads vary by layer."""
-    return arch.n_layer * arch.n_head_kv[0] * (arch.key_length + arch.value_length) * 2
+    layer, in `kv_type`. Equal to bytes_per_cell(arch, kv_type) unless the heads vary by
+    layer."""
+    return arch.n_layer * arch.n_head_kv[0] * head_bytes(arch, kv_type)
 
 
 def pad_cells(cells: int) -> int:
@@ -93,7 +100,16 @@ def kv_cells(users: int, ctx: int, prefix: int = 0) -> int:
     return prefix + users * (ctx - prefix) if users > 0 else 0
 
 
-def compute_estimate(arch: Arch, step_tokens: int, n_kv: int, n_seq_max: int, flash_attn: bool) -> int:
+def rotated(arch: Arch, kv_type: str) -> bool:
+    """Whether llama.cpp rotates K and V (a Hadamard transform of queries, keys, values
+    and the attention output, which makes their quantization error smaller) for this
+    cache type: a quantized one with heads a multiple of 64 ("attn_rot_k = 1" in its log;
+    LLAMA_ATTN_ROT_DISABLE=1 in the environment turns it off)."""
+    return KV_TYPES[kv_type][0] > 1 and arch.key_length % 64 == 0
+
+
+def compute_estimate(arch: Arch, step_tokens: int, n_kv: int, n_seq_max: int, flash_attn: bool,
+                     kv_type: str = "f16") -> int:
     """Compute + output buffers llama.cpp reserves, estimated from its graph.
 
     Output: logits for each of n_seq_max sequences (n_vocab f32 each), reserved up front.
@@ -105,7 +121,11 @@ def compute_estimate(arch: Arch, step_tokens: int, n_kv: int, n_seq_max: int, fl
     (n_kv x (n_head + 1)) and six n_embd rows. Checked against llama.cpp 0.3.36 with
     SmolLM2-135M (steps of 64-512 tokens, 1-64 sequences, 512-196,608 cells, flash
     attention on and off): within 0.2% each time. The n_embd and n_ff multiples were fitted
-    on that one model, so a model whose FFN is the peak is the least checked.
+    on that one model, so a model whose FFN is the peak is the least checked. A rotated
+    quantized cache (rotated()) adds the rotated queries, n_head x key_length per token
+    (q8_0 and q4_0 with the same model: within 0.2% for steps of 64-512 tokens and 4,096
+    cells or more; with fewer cells llama.cpp's allocator is less regular, and the
+    estimate, f16's too, up to 4% off).
     """
     vocab = arch.n_vocab or ASSUMED_VOCAB
     output = vocab * F32 * n_seq_max
@@ -115,7 +135,8 @@ def compute_estimate(arch: Arch, step_tokens: int, n_kv: int, n_seq_max: int, fl
     else:
         logits = vocab + 3 * arch.n_embd
         layer = n_kv * ((arch.n_head or max(arch.n_head_kv)) + 1) + 6 * arch.n_embd
-    return output + F32 * step_tokens * max(logits, layer)
+    rotation = (arch.n_head or max(arch.n_head_kv)) * arch.key_length if rotated(arch, kv_type) else 0
+    return output + F32 * step_tokens * (max(logits, layer) + rotation)
 
 
 @dataclass(frozen=True)
@@ -141,7 +162,7 @@ class Sizing:
         """The daemon's MemoryPlan for a [models.X] with these kv_tokens and slots, with
         the compute buffers estimated (step_tokens is raised to slots, as the config must)."""
         compute = compute_estimate(self.arch, max(self.step_tokens, slots), pad_cells(kv_tokens),
-                                   slots + self.cached_prefixes, self.flash_attn)
+                                   slots + self.cached_prefixes, self.flash_attn, self.kv_type)
         return MemoryPlan(model=self.model_bytes or 0, kv_cells=kv_tokens, bytes_per_cell=self.bytes_per_cell,
                           compute=compute, runtime=self.runtime, budget=budget)
 

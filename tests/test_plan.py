@@ -15,6 +15,7 @@ import pytest
 
 from daemons import config as config_mod
 from daemons import plan
+from daemons import gguf_header
 from daemons.ctl import plan_cmd
 from daemons.infer.memory import RUNTIME_HEADROOM
 from daemons.models import resolve
@@ -83,8 +84,11 @@ def test_quantized_kv_uses_llama_cpp_block_sizes(capsys: pytest.CaptureFixture[s
     assert q4["bytes_per_token"] * 64 == f16["bytes_per_token"] * 18
     for report in (q8, q4):
         assert any("needs flash attention" in n for n in report["notes"])
-        assert any("allocates f16" in n for n in report["notes"])
+        assert not any("allocates f16" in n for n in report["notes"])  # it allocates what kv_type says
         assert report["recommended"]["settings"]["flash_attn"] is True
+        assert report["recommended"]["settings"]["kv_type"] == report["kv_type"]
+        assert f'kv_type = "{report["kv_type"]}"\nflash_attn = true\n' in report["recommended"]["toml"]
+    assert "kv_type" not in f16["recommended"]["settings"] and "kv_type" not in f16["recommended"]["toml"]
     assert plan.row_bytes(64, "q4_0") == 36 and plan.row_bytes(64, "f16") == 128
     with pytest.raises(ValueError, match="not whole blocks"):
         plan.row_bytes(40, "q8_0")
@@ -217,14 +221,17 @@ def write_gguf(path: Path, endianess: gguf.GGUFEndian = gguf.GGUFEndian.LITTLE) 
 def test_reads_per_layer_heads_kv_dims_and_sliding_layers(tmp_path: Path, endianess: gguf.GGUFEndian) -> None:
     path = tmp_path / "test.gguf"
     write_gguf(path, endianess)
-    header = plan_cmd.read_header(path)
+    header = gguf_header.read_header(path)
     assert header.tensor_bytes == 4 * 8 * 4 + 3 * 32 * 2
-    arch = plan_cmd.arch_of(header.metadata)
+    arch = gguf_header.arch_of(header.metadata)
     assert arch.n_head_kv == (8, 8, 0, 4) and arch.per_layer_heads
     assert (arch.key_length, arch.value_length, arch.n_ctx_train, arch.n_vocab) == (128, 96, 8192, 5000)
     assert arch.n_swa == 1024 and arch.swa_layers == (True, False, True, False)
     assert plan.bytes_per_cell(arch) == (8 + 8 + 0 + 4) * (128 + 96) * 2  # what llama.cpp allocates
-    assert plan.daemon_bytes_per_cell(arch) == 4 * 8 * (128 + 96) * 2     # layer 0's heads x every layer
+    assert plan.daemon_bytes_per_cell(arch, "f16") == 4 * 8 * (128 + 96) * 2  # layer 0's heads x every layer
+    # q8_0: 128 and 96 values are 4 and 3 blocks of 34 bytes.
+    assert plan.bytes_per_cell(arch, "q8_0") == (8 + 8 + 0 + 4) * (4 + 3) * 34
+    assert plan.daemon_bytes_per_cell(arch, "q8_0") == 4 * 8 * (4 + 3) * 34
 
 
 def test_a_gguf_with_per_layer_heads_plans_with_the_larger_figure(tmp_path: Path,
@@ -246,9 +253,9 @@ def installed_model() -> Path:
 
 def test_reads_the_installed_models_header_quickly() -> None:
     started = time.monotonic()
-    header = plan_cmd.read_header(installed_model())
+    header = gguf_header.read_header(installed_model())
     assert time.monotonic() - started < 1.0  # gguf's GGUFReader takes seconds for its vocabulary
-    arch = plan_cmd.arch_of(header.metadata)
+    arch = gguf_header.arch_of(header.metadata)
     assert (arch.n_layer, arch.n_head_kv[0], arch.key_length, arch.value_length) == (30, 3, 64, 64)
     assert plan.bytes_per_cell(arch) == 23_040  # daemons/config/models.py: "SmolLM2-135M: 22.5 KiB"
 
@@ -258,15 +265,51 @@ def test_reads_the_installed_models_header_quickly() -> None:
 MEMORY_LINE = re.compile(
     r"memory: model (\d+) MiB \+ KV (\d+) MiB \((\d+) cells x (\d+) B\) \+ compute buffers (\d+) MiB \+ "
     r"runtime (\d+) MiB \+ headroom (\d+) MiB = (\d+) MiB; budget (\d+) MiB "
-    r"\(KV: (\d+) layers x (\d+) KV heads x \((\d+) \+ (\d+)\) x 2 B per cell\)")
+    r"\(KV (\w+): (\d+) layers x (\d+) KV heads x \((\d+) \+ (\d+)\) x ([\d/]+) B per cell\)")
 
 
 def close(a: float, b: float, within: float = 0.01) -> bool:
     return abs(a - b) <= within * max(abs(a), abs(b))
 
 
-def test_matches_what_the_inference_daemon_logs_at_start(fresh_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = write_config(fresh_dir, model={"kv_tokens": 8192, "slots": 8, "memory_budget_mb": 2048})
+def check_plan_matches_log(log: str, cfg: Path, kv_type: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """`onebox plan` for the config's smollm2 against the daemon's 'memory: ...' line and
+    llama.cpp's own account in `log` (the harness logs at debug level): the same cells,
+    bytes per cell and budget, compute buffers and the total within 1%. The plan's report."""
+    m = MEMORY_LINE.search(log)
+    assert m, log[-3000:]
+    (model_mib, kv_mib, cells, per_cell, _compute_mib, runtime_mib, headroom_mib, total_mib, budget_mib) = map(
+        int, m.groups()[:9])
+    logged_type, (layers, heads, key, value), value_bytes = m.group(10), map(int, m.groups()[10:14]), m.group(15)
+    assert logged_type == kv_type
+    block, size = plan.KV_TYPES[kv_type]
+    assert value_bytes == (f"{size}" if block == 1 else f"{size}/{block}")
+    # llama.cpp's own account, to two decimals.
+    kv_alloc = float(re.findall(r"llama_kv_cache: size =\s*([\d.]+) MiB", log)[-1]) * MIB
+    assert re.findall(r"K \((\w+)\):.*V \((\w+)\):", log)[-1] == (kv_type, kv_type)
+    buffers = sum(float(x) for x in re.findall(r"(?:compute|output) buffer size =\s*([\d.]+) MiB", log)) * MIB
+
+    _, report = run_json(capsys, "--config", str(cfg), "--model", "smollm2")
+    md, now = report["model"], report["configured"]
+    assert report["kv_type"] == now["kv_type"] == kv_type  # unasked, the configured kv_type
+    assert (md["n_layer"], md["n_head_kv"], md["key_length"], md["value_length"]) == (layers, heads, key, value)
+    assert report["bytes_per_token"] == report["daemon_bytes_per_cell"] == now["bytes_per_cell"] == per_cell
+    assert per_cell == layers * heads * (key + value) * size // block
+    assert now["kv_tokens"] == cells
+    assert now["kv"] == cells * per_cell and close(now["kv"], kv_mib * MIB) and close(now["kv"], kv_alloc)
+    assert close(now["model"], model_mib * MIB)
+    assert close(now["compute"], buffers)  # the estimate, against what llama.cpp reserved
+    assert now["headroom"] == headroom_mib * MIB and now["budget"] == budget_mib * MIB
+    # The same sum, with the runtime the daemon measured in place of the planner's estimate.
+    assert close(now["total"] - now["runtime"] + runtime_mib * MIB, total_mib * MIB)
+    return report
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+def test_matches_what_the_inference_daemon_logs_at_start(fresh_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                         kv_type: str) -> None:
+    cfg = write_config(fresh_dir, model={"kv_tokens": 8192, "slots": 8, "memory_budget_mb": 2048,
+                                         "kv_type": kv_type})
     suite = Suite(fresh_dir, cfg)
     try:
         suite.start_router()
@@ -274,28 +317,14 @@ def test_matches_what_the_inference_daemon_logs_at_start(fresh_dir: Path, capsys
         log = suite.log_text("infer@smollm2")
     finally:
         suite.stop()
-    m = MEMORY_LINE.search(log)
-    assert m, log[-3000:]
-    (model_mib, kv_mib, cells, per_cell, compute_mib, runtime_mib, headroom_mib, total_mib, budget_mib,
-     layers, heads, key, value) = map(int, m.groups())
-    # llama.cpp's own account, to two decimals (the harness logs at debug level).
-    kv_alloc = float(re.findall(r"llama_kv_cache: size =\s*([\d.]+) MiB", log)[-1]) * MIB
-    buffers = sum(float(x) for x in re.findall(r"(?:compute|output) buffer size =\s*([\d.]+) MiB", log)) * MIB
-
-    rc, report = run_json(capsys, "--config", str(cfg), "--model", "smollm2")
-    md, now = report["model"], report["configured"]
-    assert (md["n_layer"], md["n_head_kv"], md["key_length"], md["value_length"]) == (layers, heads, key, value)
-    assert report["bytes_per_token"] == report["daemon_bytes_per_cell"] == now["bytes_per_cell"] == per_cell
-    assert now["kv_tokens"] == cells == 8192 and now["slots"] == 8
-    assert now["kv"] == cells * per_cell and close(now["kv"], kv_mib * MIB) and close(now["kv"], kv_alloc)
-    assert close(now["model"], model_mib * MIB)
-    assert close(now["compute"], buffers)  # the estimate, against what llama.cpp reserved
-    assert now["headroom"] == headroom_mib * MIB and now["budget"] == budget_mib * MIB
-    # The same sum, with the runtime the daemon measured in place of the planner's estimate.
-    assert close(now["total"] - now["runtime"] + runtime_mib * MIB, total_mib * MIB)
+    report = check_plan_matches_log(log, cfg, kv_type, capsys)
+    assert report["configured"]["kv_tokens"] == 8192 and report["configured"]["slots"] == 8
     assert report["memory"]["budget_from"] == "[models.smollm2] memory_budget_mb"
 
     # `onebox report` shows the same plan for each configured model.
     plans = plan_cmd.report_plans(config_mod.load(cfg, sections=("paths", "models")))
     assert [p["title"] for p in plans] == ["[models.smollm2]: 8 slots x 2,048 tokens"]
-    assert "23,040 B" in plans[0]["text"] and "as configured now (8 slots, kv_tokens 8,192)" in plans[0]["text"]
+    per_cell = f"{report['bytes_per_token']:,} B"
+    assert per_cell == ("23,040 B" if kv_type == "f16" else "12,240 B") and per_cell in plans[0]["text"]
+    kv_text = "" if kv_type == "f16" else f", kv_type {kv_type}"
+    assert f"as configured now (8 slots, kv_tokens 8,192{kv_text})" in plans[0]["text"]

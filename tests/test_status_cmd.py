@@ -276,5 +276,5 @@ def test_versions_and_start_times_are_shown_once_the_daemons_report_them(
     assert line_of(out, "DAEMON").split()[-2:] == ["VERSION", "NOTE"]
     assert line_of(out, "router").split()[:5] == ["router", "up", "999998", "1h01m", "0.2.0"]
     assert line_of(out, "infer@smollm2").split()[:5] == ["infer@smollm2", "up", "999999", "2m05s", "0.2.0"]
-    assert line_of(out, "smollm2").split() == ["smollm2", "batch", "3/32", "-", "2", "5", "41.5", "-"]
+    assert line_of(out, "smollm2").split() == ["smollm2", "batch", "3/32", "-", "2", "5", "41.5", "-", "-"]
     assert report["exit"] == 0

@@ -10,6 +10,8 @@ from daemons import cpu
 from daemons.config.schema import setting
 
 Engine = Literal["batch", "simple"]
+# llama.cpp's KV cache types onebox offers (daemons/plan.py KV_TYPES has their block sizes).
+KvType = Literal["f16", "q8_0", "q4_0"]
 
 
 def _cpus(value: str) -> str | None:
@@ -42,6 +44,15 @@ class ModelConfig:
               "the cells of other sequences where the plain path computes them (measured here with\n"
               "4,000 cells of other sequences in the pool: prefill 27 -> 219 tokens/s, 16-way decode\n"
               "86 -> 224 tokens/s). It also needs much smaller compute buffers.")
+    kv_type: KvType = setting(
+        "f16", "Type of the KV cache's K and V (llama.cpp's type_k and type_v), either engine. q8_0\n"
+               "stores 32 values in 34 bytes where f16 takes 64 (1.88x the cells in the same memory),\n"
+               "q4_0 in 18 (3.56x): more users or longer contexts. A quantized V cache needs\n"
+               "flash_attn = true (llama.cpp refuses to create one without). It costs speed and\n"
+               "fidelity; with SmolLM2-135M on 2 cores over a 1024-token context, f16 -> q8_0 / q4_0:\n"
+               "prefill 316 -> 228 / 159 tokens/s, 16-way decode 168 -> 147 / 96, one sequence\n"
+               "68 -> 68 / 56; greedy output the same as f16's for 83% / 32% of 64 tokens\n"
+               "(scripts/bench/kv_types.py --model PATH measures another GGUF).")
     engine: Engine = setting(
         "batch", '"batch": continuous batching over one shared KV pool, with KV-budget admission and a\n'
                  "prefix cache (the default). Models it cannot serve (recurrent or hybrid ones such as\n"
@@ -59,16 +70,27 @@ class ModelConfig:
         16384, "KV cells in the one pool all sequences share (a cell is one token of context; a\n"
                "prefix shared by several requests takes its cells once). A request is limited to\n"
                "min(n_ctx, kv_tokens) tokens. Memory: cells x bytes per cell (from the GGUF: layers x\n"
-               "KV heads x head size x 2 x 2 bytes; SmolLM2-135M: 22.5 KiB, so 16384 cells = 360 MiB).", ge=64)
+               "KV heads x head size x 2 x 2 bytes in f16; SmolLM2-135M: 22.5 KiB, so 16384 cells =\n"
+               "360 MiB; kv_type q8_0 or q4_0 less).", ge=64)
     step_tokens: int = setting(
-        256, "Tokens per decode step: one for each decoding sequence, the rest chunks of prompts\n"
-             "being prefilled (so a long prompt never stalls the others for more than one step).\n"
-             "Between slots and 4096; larger gives faster first tokens, smaller steadier streams.", le=4096)
+        256, "The most tokens one decode step carries: one for each decoding sequence, the rest\n"
+             "chunks of prompts being prefilled (fewer while streams decode: itl_target_ms).\n"
+             "Between slots and 4096; the llama batch size.", le=4096)
     output_reserve: int = setting(
         0, "Output cells reserved per request at admission. 0 reserves the whole max_tokens, so\n"
            "a running request never runs out of cells. N > 0 reserves min(max_tokens, N) and\n"
-           "admits more requests at once; one that later finds no free cell (after evicting\n"
-           'cached prefixes) ends early with finish_reason "length".', ge=0)
+           "admits more requests at once (overcommit); when the pool runs out of cells mid-\n"
+           "generation (after evicting cached prefixes) the most recently admitted request is\n"
+           "preempted: its cells go back, it keeps what it generated and resumes (recomputing\n"
+           "prompt + output) when cells free. Its stream pauses; nothing fails or is lost.", ge=0)
+    itl_target_ms: int = setting(
+        250, "Target time between a stream's tokens while prompts are prefilling: each step carries\n"
+             "every decoding sequence's token and as many prompt tokens as fit this target, by the\n"
+             "step cost the engine measures as it runs (at least 16, at most step_tokens). 0: every\n"
+             "step takes step_tokens (faster first tokens for long prompts, jerkier streams).", ge=0)
+    max_long_prefills: int = setting(
+        1, "Prompts longer than step_tokens that prefill at the same time; the next long one waits\n"
+           "(short ones behind it go first), so long documents do not stack up. 0: no limit.", ge=0)
     cached_prefixes: int = setting(
         32, "Finished requests' KV kept as cached prefixes (LRU, evicted when cells are needed);\n"
             "a new request reuses its longest cached token prefix. 0 turns the cache off.", ge=0, le=128)
@@ -104,5 +126,9 @@ class ModelConfig:
         return self.max_in_flight or (self.slots if self.engine == "batch" else 1)
 
     def problems(self) -> Iterator[str]:
+        if self.kv_type != "f16" and not self.flash_attn:
+            yield (f"kv_type: {self.kv_type} needs flash_attn = true: llama.cpp cannot make a quantized V "
+                   "cache without flash attention (it refuses to create the context); set flash_attn = true "
+                   'or kv_type = "f16"')
         if not self.slots <= self.step_tokens:
             yield f"step_tokens: must be between slots ({self.slots}) and 4096"

@@ -49,7 +49,7 @@ def estimate(config: Config) -> list[Estimate]:
     build without it skips the memory checks instead of failing."""
     try:
         from daemons import plan
-        from daemons.ctl.plan_cmd import GgufError, arch_of, read_header
+        from daemons.gguf_header import GgufError, arch_of, read_header
     except ImportError as exc:
         return [Estimate(key, None, f"no planner here ({exc})") for key in config.models]
     out = []
@@ -58,13 +58,17 @@ def estimate(config: Config) -> list[Estimate]:
             path = models.resolve(mc.path, config.paths.models)
             header = read_header(path)
             arch = arch_of(header.metadata)
+            cell = plan.daemon_bytes_per_cell(arch, mc.kv_type)
         except (FileNotFoundError, GgufError) as exc:
             out.append(Estimate(key, None, str(exc)))
             continue
+        except ValueError as exc:  # the daemon refuses to start with it
+            out.append(Estimate(key, None, f"kv_type {mc.kv_type}: {exc}"))
+            continue
         # The simple engine's llama-cpp-python context holds n_ctx cells for one sequence.
         cells, slots = (mc.kv_tokens, mc.slots) if mc.engine == "batch" else (mc.n_ctx, 1)
-        sizing = plan.Sizing(arch, "f16", header.tensor_bytes or path.stat().st_size, mc.step_tokens,
-                             mc.cached_prefixes, mc.flash_attn, cell_bytes=plan.daemon_bytes_per_cell(arch))
+        sizing = plan.Sizing(arch, mc.kv_type, header.tensor_bytes or path.stat().st_size, mc.step_tokens,
+                             mc.cached_prefixes, mc.flash_attn, cell_bytes=cell)
         out.append(Estimate(key, sizing.memory(cells, slots, memory.budget_bytes(mc.memory_budget_mb))))
     return out
 

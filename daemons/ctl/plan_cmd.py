@@ -2,7 +2,7 @@
 with a model, how many fit a budget (with a shared prefix too), and the [models.X]
 table that serves them.
 
-The model's shape comes from its GGUF header (read here without loading any weights)
+The model's shape comes from its GGUF header (daemons/gguf_header.py, no weights loaded)
 or from explicit numbers; the arithmetic is daemons/plan.py, which adds up the way the
 inference daemon's own start check does (daemons/infer/memory.py).
 """
@@ -11,196 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import re
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
-
 from daemons import models, plan
+from daemons.gguf_header import GgufError, arch_of, read_header
 from daemons.config import Config, ConfigError, ModelConfig
 from daemons.ctl import api
 from daemons.infer import memory
 
 EX_CONFIG = 78
 GB, GIB, MIB = 10**9, 2**30, 2**20
-
-# -- reading a GGUF header -------------------------------------------------------------
-# gguf's GGUFReader turns every vocabulary string into numpy objects (3.3 s for the
-# 135M default model); the plan needs a few keys and the tensors' sizes, so this walks
-# the header with gguf's own type tables and skips long arrays, in milliseconds.
-
-_SCALARS = {gguf.GGUFValueType.UINT8: "B", gguf.GGUFValueType.INT8: "b", gguf.GGUFValueType.UINT16: "H",
-            gguf.GGUFValueType.INT16: "h", gguf.GGUFValueType.UINT32: "I", gguf.GGUFValueType.INT32: "i",
-            gguf.GGUFValueType.FLOAT32: "f", gguf.GGUFValueType.BOOL: "?", gguf.GGUFValueType.UINT64: "Q",
-            gguf.GGUFValueType.INT64: "q", gguf.GGUFValueType.FLOAT64: "d"}
-KEEP_ARRAY = 4096  # longer arrays (the vocabulary, merges) are skipped; their length is kept
-
-
-class GgufError(Exception):
-    """Not a GGUF this planner can read."""
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A long array: only its length was read."""
-
-    count: int
-
-
-@dataclass(frozen=True)
-class Header:
-    metadata: dict[str, Any]
-    tensor_bytes: int | None  # None: a tensor type gguf does not know
-
-
-class _Cursor:
-    def __init__(self, buf: mmap.mmap, order: str) -> None:
-        self.buf = buf
-        self.order = order
-        self.pos = 0
-
-    def scalar(self, code: str) -> Any:
-        value = struct.unpack_from(self.order + code, self.buf, self.pos)[0]
-        self.pos += struct.calcsize(code)
-        return value
-
-    def take(self, n: int) -> bytes:
-        if n > len(self.buf) - self.pos:
-            raise GgufError("truncated header")
-        data = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return data
-
-    def string(self) -> str:
-        return self.take(self.scalar("Q")).decode("utf-8", "replace")
-
-    def value(self, vtype: int) -> Any:
-        if vtype == gguf.GGUFValueType.STRING:
-            return self.string()
-        if vtype == gguf.GGUFValueType.ARRAY:
-            etype, count = self.scalar("I"), self.scalar("Q")
-            # Every element takes at least a byte: a corrupt count cannot loop for long.
-            if count > len(self.buf) - self.pos:
-                raise GgufError("truncated header")
-            if count <= KEEP_ARRAY:
-                return [self.value(etype) for _ in range(count)]
-            if etype == gguf.GGUFValueType.STRING:
-                for _ in range(count):
-                    self.take(self.scalar("Q"))
-            elif etype in _SCALARS:
-                self.take(count * struct.calcsize(_SCALARS[gguf.GGUFValueType(etype)]))
-            else:
-                raise GgufError(f"unsupported array of type {etype}")
-            return Skipped(count)
-        try:
-            return self.scalar(_SCALARS[gguf.GGUFValueType(vtype)])
-        except (KeyError, ValueError):
-            raise GgufError(f"unknown value type {vtype}") from None
-
-
-def read_header(path: Path) -> Header:
-    """The metadata and the total bytes of the tensors (what llama.cpp reports as the
-    model's size), from the header alone."""
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse(buf)
-    except (ValueError, OSError) as exc:  # mmap of an empty file is a ValueError
-        raise GgufError(f"cannot read {path}: {exc}") from None
-    except struct.error:
-        raise GgufError(f"{path}: truncated header") from None
-
-
-def _parse(buf: mmap.mmap) -> Header:
-    if buf[:4] != b"GGUF":
-        raise GgufError("not a GGUF file (no GGUF magic)")
-    # Big-endian files (for s390x) say so by a version that reads byte-swapped.
-    order = ">" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF == 0 else "<"
-    cur = _Cursor(buf, order)
-    cur.pos = 4
-    version = cur.scalar("I")
-    if version < 2:
-        raise GgufError(f"GGUF version {version} is too old (2 or later)")
-    n_tensors, n_kv = cur.scalar("Q"), cur.scalar("Q")
-    metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = cur.string()
-        metadata[key] = cur.value(cur.scalar("I"))
-    total: int | None = 0
-    for _ in range(n_tensors):
-        cur.take(cur.scalar("Q"))  # name
-        n_dims = cur.scalar("I")
-        elements = 1
-        for _ in range(n_dims):
-            elements *= cur.scalar("Q")
-        ttype = cur.scalar("I")
-        cur.scalar("Q")  # offset
-        try:
-            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
-        except (KeyError, ValueError):
-            total = None
-            continue
-        if total is not None:
-            total += elements // block * size
-    return Header(metadata, total)
-
-
-# -- the model's shape from its metadata ---------------------------------------------
-
-# llama.cpp's sliding-window layer patterns for architectures whose GGUF does not list
-# them (llama-model.cpp set_swa_pattern): every nth layer is global, the others slide.
-SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2}
-
-
-def _int(meta: dict[str, Any], key: str, default: int | None = None) -> int:
-    value = meta.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        if value is None:
-            raise GgufError(f"no {key} in the metadata (not a language model?)")
-        raise GgufError(f"{key} is {value!r}, not a number")
-    return value
-
-
-def _per_layer(meta: dict[str, Any], key: str, n_layer: int, default: Any = None) -> tuple[int, ...]:
-    value = meta.get(key, default)
-    if isinstance(value, list):
-        if len(value) != n_layer or not all(isinstance(v, int) for v in value):
-            raise GgufError(f"{key} has {len(value)} entries for {n_layer} layers")
-        return tuple(value)
-    return (_int(meta, key, value),) * n_layer
-
-
-def arch_of(meta: dict[str, Any]) -> plan.Arch:
-    a = str(meta.get("general.architecture", "llama"))
-    n_layer = _int(meta, f"{a}.block_count")
-    heads = _per_layer(meta, f"{a}.attention.head_count", n_layer)
-    kv_heads = _per_layer(meta, f"{a}.attention.head_count_kv", n_layer, meta.get(f"{a}.attention.head_count"))
-    n_embd = _int(meta, f"{a}.embedding_length")
-    head = n_embd // max(1, heads[0])  # llama.cpp's default head size: layer 0's
-    ff = meta.get(f"{a}.feed_forward_length", 0)
-    vocab = meta.get(f"{a}.vocab_size", meta.get("tokenizer.ggml.tokens"))
-    n_vocab = vocab.count if isinstance(vocab, Skipped) else len(vocab) if isinstance(vocab, list) else vocab
-    n_swa = _int(meta, f"{a}.attention.sliding_window", 0)
-    swa_layers: tuple[bool, ...] | None = None
-    pattern = meta.get(f"{a}.attention.sliding_window_pattern", SWA_PATTERNS.get(a))
-    if n_swa and isinstance(pattern, list) and len(pattern) == n_layer:
-        swa_layers = tuple(bool(p) for p in pattern)
-    elif n_swa and isinstance(pattern, int):
-        swa_layers = tuple(pattern == 0 or il % pattern < pattern - 1 for il in range(n_layer))
-    return plan.Arch(
-        n_layer=n_layer, n_head_kv=kv_heads, n_head=max(heads),
-        key_length=_int(meta, f"{a}.attention.key_length", head),
-        value_length=_int(meta, f"{a}.attention.value_length", head),
-        n_embd=n_embd, n_ff=max(ff) if isinstance(ff, list) else _int(meta, f"{a}.feed_forward_length", 0),
-        n_vocab=n_vocab if isinstance(n_vocab, int) else 0,
-        n_ctx_train=_int(meta, f"{a}.context_length", 0), n_swa=n_swa, swa_layers=swa_layers,
-        recurrent=any(k.startswith((f"{a}.ssm.", f"{a}.wkv.")) for k in meta),
-    )
-
 
 # -- command-line values -------------------------------------------------------------
 
@@ -358,11 +182,10 @@ def _memory(p: memory.MemoryPlan, slots: int) -> dict[str, Any]:
             "total": p.total, "budget": p.budget, "fits": p.fits}
 
 
-def _notes(m: Model, args: argparse.Namespace, ctx: int, prefix: int, budget: int, users: int, best: int,
-           can: int) -> list[str]:
+def _notes(m: Model, kv_type: str, ctx: int, users: int, best: int) -> list[str]:
     """What a reader of the plan should know: unknowns, the model's quirks, the daemon's limits."""
     arch, mc = m.arch, m.config or ModelConfig()
-    daemon_cell = plan.daemon_bytes_per_cell(arch)
+    daemon_cell = plan.daemon_bytes_per_cell(arch, kv_type)
     notes: list[str] = []
     if m.weights is None:
         notes.append(f"the weights' size is unknown ({m.weights_from}): the totals and the users that fit "
@@ -374,7 +197,7 @@ def _notes(m: Model, args: argparse.Namespace, ctx: int, prefix: int, budget: in
     if arch.per_layer_heads:
         notes.append(f"KV heads vary by layer ({min(arch.n_head_kv)} to {max(arch.n_head_kv)}); the daemon's "
                      f"start check counts layer 0's {arch.n_head_kv[0]} in every layer: {daemon_cell:,} B per "
-                     f"cell against the {plan.bytes_per_cell(arch):,} B llama.cpp allocates (f16). "
+                     f"cell against the {plan.bytes_per_cell(arch, kv_type):,} B llama.cpp allocates ({kv_type}). "
                      "The plan uses the larger.")
     if arch.key_length != arch.value_length:
         notes.append(f"keys and values differ in size: {arch.key_length} and {arch.value_length} per head")
@@ -388,14 +211,13 @@ def _notes(m: Model, args: argparse.Namespace, ctx: int, prefix: int, budget: in
                      "cannot serve it (onebox falls back to the simple engine, one request at a time)")
     if arch.n_ctx_train and ctx > arch.n_ctx_train:
         notes.append(f"--ctx {ctx:,} is beyond the model's training context ({arch.n_ctx_train:,} tokens)")
-    if args.kv_type != "f16":
-        f16 = plan.Sizing(arch, "f16", m.weights, mc.step_tokens, mc.cached_prefixes, cell_bytes=daemon_cell)
-        rec_f16 = f16.for_users(max(1, can), ctx, prefix, budget)
-        notes.append(f"a quantized V ({args.kv_type}) needs flash attention: llama.cpp refuses it without "
+    if kv_type != "f16":
+        notes.append(f"a quantized V ({kv_type}) needs flash attention: llama.cpp refuses it without "
                      "(flash_attn = true)")
-        notes.append(f"onebox-infer allocates f16 K and V today (it sets no cache type): the same kv_tokens "
-                     f"in f16 plan {rec_f16.total / GIB:.2f} GiB, "
-                     + ("within the budget" if rec_f16.fits else "over the budget, and it would refuse to start"))
+        if plan.rotated(arch, kv_type):
+            notes.append(f"llama.cpp rotates queries, keys and values for a {kv_type} cache (a Hadamard "
+                         "transform that makes the quantization error smaller): a little more compute "
+                         "buffer, counted here")
     if mc.engine == "simple" and m.config is not None:
         notes.append(f'[models.{m.name}] has engine = "simple": one request at a time in n_ctx cells; slots and '
                      'kv_tokens apply to engine = "batch"')
@@ -423,14 +245,17 @@ def build(args: argparse.Namespace, config: Config | None = None) -> dict[str, A
         raise BadInput(f"--ctx {ctx}: at least 64 tokens (the least n_ctx onebox takes)")
     if not 0 <= prefix < ctx:
         raise BadInput(f"--shared-prefix {prefix}: from 0 to fewer than --ctx ({ctx}) tokens")
+    # Unasked, the configured model's own cache type.
+    kv_type = args.kv_type or (mc.kv_type if m.config is not None else "f16")
     try:
-        real_cell = plan.bytes_per_cell(arch, args.kv_type)
+        real_cell = plan.bytes_per_cell(arch, kv_type)
+        daemon_cell = plan.daemon_bytes_per_cell(arch, kv_type)
     except ValueError as exc:
-        raise BadInput(f"--kv-type {args.kv_type}: {exc}") from None
-    daemon_cell = plan.daemon_bytes_per_cell(arch)
-    # With f16 the daemon checks its own figure at start: plan with the larger one.
-    cell = max(real_cell, daemon_cell) if args.kv_type == "f16" else real_cell
-    sizing = plan.Sizing(arch, args.kv_type, m.weights, mc.step_tokens, mc.cached_prefixes, flash_attn=True,
+        given = f"--kv-type {kv_type}" if args.kv_type else f"[models.{m.name}] kv_type {kv_type}"
+        raise BadInput(f"{given}: {exc}") from None
+    # The daemon checks its own figure at start: plan with the larger one.
+    cell = max(real_cell, daemon_cell)
+    sizing = plan.Sizing(arch, kv_type, m.weights, mc.step_tokens, mc.cached_prefixes, flash_attn=True,
                          cell_bytes=cell)
     budget, budget_from = _budget(args, m)
     fit = sizing.users_fit(ctx, 0, budget)
@@ -441,20 +266,28 @@ def build(args: argparse.Namespace, config: Config | None = None) -> dict[str, A
     planned = sizing.for_users(users, ctx, prefix, budget)
     can = users if planned.fits else best
 
-    notes = _notes(m, args, ctx, prefix, budget, users, best, can)
+    notes = _notes(m, kv_type, ctx, users, best)
     configured = None
     if m.config is not None:
-        now = plan.Sizing(arch, "f16", m.weights, mc.step_tokens, mc.cached_prefixes, mc.flash_attn,
-                          cell_bytes=daemon_cell).memory(mc.kv_tokens, mc.slots, memory.budget_bytes(mc.memory_budget_mb))
-        configured = _memory(now, mc.slots)
+        try:  # as the daemon will start, with its own kv_type (--kv-type may differ)
+            now_cell = plan.daemon_bytes_per_cell(arch, mc.kv_type)
+        except ValueError as exc:
+            notes.append(f"[models.{m.name}] kv_type {mc.kv_type}: {exc}; the daemon will refuse to start")
+        else:
+            now = plan.Sizing(arch, mc.kv_type, m.weights, mc.step_tokens, mc.cached_prefixes, mc.flash_attn,
+                              cell_bytes=now_cell).memory(mc.kv_tokens, mc.slots,
+                                                          memory.budget_bytes(mc.memory_budget_mb))
+            configured = {**_memory(now, mc.slots), "kv_type": mc.kv_type}
     recommended = None
     if can > 0:
         settings: dict[str, Any] = plan.recommend(sizing, can, ctx, prefix)
         settings["memory_budget_mb"] = (budget // MIB if budget_from == "--memory"
                                         else mc.memory_budget_mb if m.config is not None else 0)
+        if kv_type != "f16" or (m.config is not None and m.config.kv_type != kv_type):
+            settings["kv_type"] = kv_type
         settings["flash_attn"] = True
         recommended = {"table": f"models.{m.table}", "users": can, "settings": settings,
-                       "toml": _toml(m, settings, args.kv_type)}
+                       "toml": _toml(m, settings)}
     return {
         "model": {
             "source": m.source, "name": m.name, "path": str(m.path) if m.path else None,
@@ -466,7 +299,7 @@ def build(args: argparse.Namespace, config: Config | None = None) -> dict[str, A
                                if arch.n_swa else None),
             "weights_bytes": m.weights, "weights_from": m.weights_from,
         },
-        "kv_type": args.kv_type, "bytes_per_token": real_cell, "daemon_bytes_per_cell": daemon_cell,
+        "kv_type": kv_type, "bytes_per_token": real_cell, "daemon_bytes_per_cell": daemon_cell,
         "ctx": ctx, "shared_prefix": prefix, "users": users,
         "per_user": {"kv_bytes": ctx * real_cell, "kv_bytes_past_prefix": (ctx - prefix) * real_cell},
         "memory": {**_memory(planned, min(users, plan.MAX_SLOTS)), "budget_from": budget_from,
@@ -477,17 +310,15 @@ def build(args: argparse.Namespace, config: Config | None = None) -> dict[str, A
     }
 
 
-def _toml(m: Model, settings: dict[str, Any], kv_type: str) -> str:
+def _toml(m: Model, settings: dict[str, Any]) -> str:
     lines = [f"[models.{m.table}]"]
     if m.config is None:
         # A JSON string is a valid TOML basic string (the same escapes).
         lines.append(f"path = {json.dumps(m.path_spec)}" if m.path_spec else '# path = "..."  (the GGUF)')
     for key, value in settings.items():
-        lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+        lines.append(f"{key} = {json.dumps(value)}")  # a bool, number or string in TOML too
         if key == "memory_budget_mb" and value == 0:
             lines[-1] += "  # 0: 80% of this machine's RAM"
-    if kv_type != "f16":
-        lines.append(f"# sized for a {kv_type} KV cache; onebox-infer allocates f16 today")
     return "\n".join(lines) + "\n"
 
 
@@ -533,7 +364,8 @@ def render(r: dict[str, Any]) -> str:
     out += ["", fit]
     if r["configured"] is not None:
         c = r["configured"]
-        out.append(f"  as configured now ({c['slots']} slots, kv_tokens {c['kv_tokens']:,}): KV {c['kv'] / GIB:.2f} "
+        kv_text = "" if c["kv_type"] == "f16" else f", kv_type {c['kv_type']}"
+        out.append(f"  as configured now ({c['slots']} slots, kv_tokens {c['kv_tokens']:,}{kv_text}): KV {c['kv'] / GIB:.2f} "
                    f"GiB, total {c['total'] / GIB:.2f} GiB of {c['budget'] / GIB:.2f} GiB"
                    + ("" if c["fits"] else ": over, the daemon would refuse to start"))
     out += ["", "notes:"] + [f"  - {n}" for n in r["notes"]]
@@ -591,9 +423,9 @@ def parser() -> argparse.ArgumentParser:
                         help="context per user in tokens, e.g. 32768 or 32K (default: the model's n_ctx, else 4096)")
     parser.add_argument("--users", type=positive, metavar="N",
                         help="users served at once (default: as many as fit the budget)")
-    parser.add_argument("--kv-type", choices=tuple(plan.KV_TYPES), default="f16",
-                        help="KV cache type: f16 2 B a value, q8_0 34 B and q4_0 18 B per 32 (default f16, "
-                             "what onebox-infer allocates)")
+    parser.add_argument("--kv-type", choices=tuple(plan.KV_TYPES),
+                        help="KV cache type: f16 2 B a value, q8_0 34 B and q4_0 18 B per 32 (default: the "
+                             "model's kv_type, else f16)")
     parser.add_argument("--memory", type=parse_bytes, metavar="SIZE",
                         help="the budget: 24GiB, 24GB or bytes (default: the model's memory_budget_mb, "
                              "else 80%% of this machine's RAM, as the daemon)")

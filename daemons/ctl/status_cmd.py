@@ -448,25 +448,26 @@ def _model_lines(report: Report, paint: Callable[[str, str], str]) -> list[str]:
         if report["router"]["answering"] and not report["router"]["admin"]:
             return ["  (model numbers need an admin)"]
         return []
-    rows = [["MODEL", "ENGINE", "SLOTS", "KV CELLS", "QUEUE", "ROUTER Q", "TOK/S", "PREFIX HITS"]]
+    rows = [["MODEL", "ENGINE", "SLOTS", "KV CELLS", "QUEUE", "ROUTER Q", "TOK/S", "PREFIX HITS", "PREEMPTED"]]
     states = [""]
     for name, m in models.items():
         waiting = str((m.get("router_queue") or {}).get("waiting", "-"))
         workers = [w for w in m.get("workers") or [] if not w.get("draining")] or m.get("workers") or []
         if not workers:
-            rows.append([name, "DOWN", "-", "-", "-", waiting, "-", "no live worker"])
+            rows.append([name, "DOWN", "-", "-", "-", waiting, "-", "no live worker", "-"])
             states.append("down")
         for w in workers:
             slots, kv, prefix = w.get("slots") or {}, w.get("kv_cells") or {}, w.get("prefix_cache") or {}
             rows.append([name, str(w.get("engine", "?")),
                          f"{slots.get('busy', '?')}/{slots.get('total', '?')}" if slots else "-",
                          _share(kv.get("used"), kv.get("total")), str(w.get("queue", "-")), waiting,
-                         str(w.get("tokens_per_s", "-")), _share(prefix.get("hits"), prefix.get("lookups"))])
+                         str(w.get("tokens_per_s", "-")), _share(prefix.get("hits"), prefix.get("lookups")),
+                         str(w.get("preemptions", "-"))])
             states.append("up")
     for name, r in remote.items():
         circuit = str(r.get("circuit", "?"))
         rows.append([name, f"remote:{r.get('provider', '?')}", "-", "-", "-",
-                     str((r.get("router_queue") or {}).get("waiting", "-")), "-", f"circuit {circuit}"])
+                     str((r.get("router_queue") or {}).get("waiting", "-")), "-", f"circuit {circuit}", "-"])
         states.append("up" if circuit == "closed" else "starting")
     drawn = table(rows)
     return [_marked(r, s, paint, text) for r, s, text in zip(rows, states, drawn)]

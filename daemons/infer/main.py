@@ -32,14 +32,20 @@ LOAD_EXTEND_S = 600.0
 def make_context(model: Model, mc: ModelConfig, runtime_bytes: int) -> native.Context:
     """The batch engine's llama context. The memory plan (model + KV) is checked before
     anything is allocated, then again with the compute buffers llama.cpp reserved."""
-    shape = native.kv_shape(model.lm.model)
-    plan = memory.MemoryPlan(model=model.size_bytes, kv_cells=mc.kv_tokens, bytes_per_cell=shape.bytes_per_cell,
+    shape = native.kv_shape(model.lm.model, mc.kv_type)
+    try:
+        per_cell = shape.bytes_per_cell
+    except ValueError as exc:  # llama.cpp would refuse the context (or abort on the row size)
+        raise serve.LoadError(f"kv_type {mc.kv_type} cannot hold this model's KV heads ({shape.key_length} + "
+                              f"{shape.value_length} values): {exc}; use another kv_type (f16 always works)") from None
+    plan = memory.MemoryPlan(model=model.size_bytes, kv_cells=mc.kv_tokens, bytes_per_cell=per_cell,
                              compute=0, runtime=runtime_bytes, budget=memory.budget_bytes(mc.memory_budget_mb))
     if not plan.fits:
         raise serve.LoadError(f"memory budget exceeded: {plan.describe()}; lower kv_tokens or raise memory_budget_mb")
     try:
         ctx = native.Context(model.lm.model, n_cells=mc.kv_tokens, n_seq_max=mc.slots + mc.cached_prefixes,
-                             n_batch=mc.step_tokens, threads=mc.threads, flash_attn=mc.flash_attn)
+                             n_batch=mc.step_tokens, threads=mc.threads, flash_attn=mc.flash_attn,
+                             kv_type=mc.kv_type)
     except LlamaError as exc:
         raise serve.LoadError(f"cannot create the llama context: {exc} (out of memory?) — {plan.describe()}") from None
     plan = dataclasses.replace(plan, compute=ctx.compute_bytes)
@@ -47,8 +53,8 @@ def make_context(model: Model, mc: ModelConfig, runtime_bytes: int) -> native.Co
         ctx.close()
         raise serve.LoadError(f"memory budget exceeded: {plan.describe()}; lower kv_tokens or step_tokens, "
                               "or raise memory_budget_mb")
-    log.info("memory: %s (KV: %d layers x %d KV heads x (%d + %d) x 2 B per cell)", plan.describe(),
-             shape.n_layer, shape.n_head_kv, shape.key_length, shape.value_length)
+    log.info("memory: %s (KV %s: %d layers x %d KV heads x (%d + %d) x %s per cell)", plan.describe(),
+             shape.kv_type, shape.n_layer, shape.n_head_kv, shape.key_length, shape.value_length, shape.value_bytes)
     return ctx
 
 
@@ -91,7 +97,8 @@ def load(loading: serve.Loading) -> serve.Served:
         return SimpleEngine(model, mc, emitter, stall_s=loading.stall_s, hooks=hooks)
 
     service_name = registry.Instance(registry.INFER, key).service or ""
-    shape = (f"batch engine: {mc.slots} slots, {mc.kv_tokens} KV cells" if ctx is not None else "simple engine")
+    shape = (f"batch engine: {mc.slots} slots, {mc.kv_tokens} KV cells" if ctx is not None
+             else "simple engine") + f", {mc.kv_type} KV cache"
     return serve.Served(
         service=service_name, capacity=mc.capacity, engine=engine, shutdown_timeout_s=mc.shutdown_timeout_s,
         ready_status=f"serving {service_name} ({path.name}, n_ctx {model.n_ctx}, {mc.threads} threads, {shape})",

@@ -16,7 +16,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from daemons.bus.errors import RequestError
 from daemons.config import ModelConfig
-from daemons.infer import rag
+from daemons.infer import native, rag
 from daemons.infer.request import GenRequest
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,13 @@ class Model:
         """Weights and vocab; with engine "simple" also llama-cpp-python's own context."""
         try:
             if engine == "simple":
+                # Its own context, with the configured KV cache type (type_k/type_v:
+                # a quantized V needs flash_attn, which the config checks).
+                cache = native.ggml_type(mc.kv_type)
                 llm = llama_cpp.Llama(
                     model_path=str(path), n_ctx=mc.n_ctx, n_threads=mc.threads, n_threads_batch=mc.threads,
-                    n_batch=min(512, mc.n_ctx), flash_attn=mc.flash_attn, verbose=False,
+                    n_batch=min(512, mc.n_ctx), flash_attn=mc.flash_attn, type_k=cache, type_v=cache,
+                    verbose=False,
                 )
                 return cls(llm._model, path, llm.n_ctx(), llm)
             lm = internals.LlamaModel(path_model=str(path), params=llama_cpp.llama_model_default_params(),

@@ -12,27 +12,47 @@ import llama_cpp
 
 from daemons.infer.request import GenRequest
 from daemons.llama import Batch, KvFull, LlamaError, context_params, init_context, meta
+from daemons.plan import KV_TYPES, row_bytes
 
 # llama-cpp-python's own greedy/penalty defaults, so one request matches its output.
 PENALTY_LAST_N = 64
+# [models.NAME] kv_type -> llama.cpp's ggml_type for type_k and type_v.
+GGML_TYPES: dict[str, int] = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+                              "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+
+
+def ggml_type(kv_type: str) -> int:
+    try:
+        return GGML_TYPES[kv_type]
+    except KeyError:
+        raise ValueError(f"kv_type {kv_type!r}: expected one of {', '.join(GGML_TYPES)}") from None
 
 
 @dataclass(frozen=True)
 class KvShape:
-    """What one KV cell costs, from the GGUF metadata (f16 K and V, every layer)."""
+    """What one KV cell costs, from the GGUF metadata: K and V of every layer, each head
+    stored in blocks of the cache type (daemons/plan.py row_bytes)."""
 
     n_layer: int
     n_head_kv: int
     key_length: int
     value_length: int
-    bytes_per_value: int = 2
+    kv_type: str = "f16"
 
     @property
     def bytes_per_cell(self) -> int:
-        return self.n_layer * self.n_head_kv * (self.key_length + self.value_length) * self.bytes_per_value
+        """ValueError when a head is not whole blocks of kv_type (llama.cpp would refuse)."""
+        return self.n_layer * self.n_head_kv * (row_bytes(self.key_length, self.kv_type)
+                                                + row_bytes(self.value_length, self.kv_type))
+
+    @property
+    def value_bytes(self) -> str:
+        """Bytes per value as the plan prints them: "2 B" (f16), "34/32 B" (q8_0)."""
+        block, size = KV_TYPES[self.kv_type]
+        return f"{size} B" if block == 1 else f"{size}/{block} B"
 
 
-def kv_shape(model: Any) -> KvShape:
+def kv_shape(model: Any, kv_type: str = "f16") -> KvShape:
     arch = meta(model, "general.architecture") or "llama"
     n_layer = llama_cpp.llama_model_n_layer(model)
     n_head = llama_cpp.llama_model_n_head(model)
@@ -44,7 +64,7 @@ def kv_shape(model: Any) -> KvShape:
         value = meta(model, f"{arch}.attention.{kind}_length")
         return int(value) if value and value.isdigit() else head
 
-    return KvShape(n_layer, n_head_kv, length("key"), length("value"))
+    return KvShape(n_layer, n_head_kv, length("key"), length("value"), kv_type)
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -75,13 +95,17 @@ class Context:
     """One llama_context: `n_seq_max` sequences over a unified pool of `n_cells` cells."""
 
     def __init__(self, model: Any, n_cells: int, n_seq_max: int, n_batch: int, threads: int,
-                 flash_attn: bool) -> None:
+                 flash_attn: bool, kv_type: str = "f16") -> None:
         params = context_params(n_cells, n_batch, n_seq_max, threads)
         # Explicit, never "auto": batched output is compared with single runs only
         # under the same setting (the CPU flash-attention kernel varies with row count).
+        # (With "auto" llama.cpp would also turn it on by itself for a quantized V.)
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        ctx, self.compute_bytes = init_context(model, params, f"{n_cells} cells, {n_seq_max} sequences")
+        params.type_k = params.type_v = ggml_type(kv_type)
+        self.kv_type = kv_type
+        ctx, self.compute_bytes = init_context(model, params, f"{n_cells} cells, {n_seq_max} sequences, "
+                                                              f"{kv_type} KV")
         self.ctx = ctx
         self.model = model
         self.n_batch = int(llama_cpp.llama_n_batch(ctx))

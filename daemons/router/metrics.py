@@ -83,6 +83,8 @@ class WorkerCollector(Collector):
         hits = CounterMetricFamily("onebox_prefix_cache_hits", "Prefix-cache hits.", labels=["model"])
         saved = CounterMetricFamily("onebox_prefix_cache_tokens_saved", "Prompt tokens not prefilled again.",
                                     labels=["model"])
+        preempted = CounterMetricFamily("onebox_preemptions", "Running requests whose KV cells were taken back "
+                                        "when the pool ran out (each resumed later).", labels=["model"])
         for name, entry in sorted(services.items()):
             if not name.startswith("infer/"):
                 continue
@@ -96,4 +98,5 @@ class WorkerCollector(Collector):
             lookups.add_metric([model], sum(int(c.get("lookups", 0)) for c in cache))
             hits.add_metric([model], sum(int(c.get("hits", 0)) for c in cache))
             saved.add_metric([model], sum(int(c.get("tokens_saved", 0)) for c in cache))
-        yield from (kv_used, kv_total, engine_queue, lookups, hits, saved)
+            preempted.add_metric([model], sum(int(w.get("preemptions", 0) or 0) for w in workers))
+        yield from (kv_used, kv_total, engine_queue, lookups, hits, saved, preempted)
