@@ -16,10 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from daemons.infer.memory import MIB, MemoryPlan
+from daemons.infer.memory import KV_TYPES, MIB, MemoryPlan, row_bytes
 
-# Cache type -> (elements per block, bytes per block): llama.cpp's block sizes.
-KV_TYPES: dict[str, tuple[int, int]] = {"f16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18)}
 # llama.cpp rounds the KV cache up to a multiple of this many cells (llama 0.3.36: 1000
 # cells asked, 1024 allocated), so a kv_tokens of such a multiple is what it allocates.
 CELL_PAD = 256
@@ -60,15 +58,6 @@ class Arch:
     @property
     def per_layer_heads(self) -> bool:
         return len(set(self.n_head_kv)) > 1
-
-
-def row_bytes(elements: int, kv_type: str) -> int:
-    """Bytes of `elements` values in cache type `kv_type`; ValueError when they are not
-    whole blocks (llama.cpp cannot make such a cache)."""
-    block, size = KV_TYPES[kv_type]
-    if elements % block:
-        raise ValueError(f"{kv_type} stores blocks of {block} values; a row of {elements} is not whole blocks")
-    return elements // block * size
 
 
 def head_bytes(arch: Arch, kv_type: str) -> int:

@@ -16,6 +16,17 @@ MIB = 2**20
 # Grows after start: Python objects per request, token caches, thread stacks, ZeroMQ
 # buffers. Part of the plan so the budget bounds peak RSS, not only llama.cpp's buffers.
 RUNTIME_HEADROOM = 96 * MIB
+# Cache type -> (elements per block, bytes per block): llama.cpp's block sizes.
+KV_TYPES: dict[str, tuple[int, int]] = {"f16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18)}
+
+
+def row_bytes(elements: int, kv_type: str) -> int:
+    """Bytes of `elements` values in cache type `kv_type`; ValueError when they are not
+    whole blocks (llama.cpp cannot make such a cache)."""
+    block, size = KV_TYPES[kv_type]
+    if elements % block:
+        raise ValueError(f"{kv_type} stores blocks of {block} values; a row of {elements} is not whole blocks")
+    return elements // block * size
 
 
 def rss_bytes() -> int:

@@ -12,7 +12,7 @@ import llama_cpp
 
 from daemons.infer.request import GenRequest
 from daemons.llama import Batch, KvFull, LlamaError, context_params, init_context, meta
-from daemons.plan import KV_TYPES, row_bytes
+from daemons.infer.memory import KV_TYPES, row_bytes
 
 # llama-cpp-python's own greedy/penalty defaults, so one request matches its output.
 PENALTY_LAST_N = 64
@@ -31,7 +31,7 @@ def ggml_type(kv_type: str) -> int:
 @dataclass(frozen=True)
 class KvShape:
     """What one KV cell costs, from the GGUF metadata: K and V of every layer, each head
-    stored in blocks of the cache type (daemons/plan.py row_bytes)."""
+    stored in blocks of the cache type (daemons/infer/memory.py row_bytes)."""
 
     n_layer: int
     n_head_kv: int

