@@ -119,7 +119,7 @@ def test_a_long_prompt_prefilling_never_costs_a_stream_its_token(model: Model) -
 
 
 def test_long_prompts_do_not_stack_but_short_ones_pass(model: Model) -> None:
-    e, rec = engine(model, itl_target_ms=0, max_long_prefills=1)
+    e, rec = engine(model, itl_target_ms=0, itl_stretch=0, max_long_prefills=1)
     try:
         e.submit(completion("doc1", document(900), 4))
         e.submit(completion("doc2", document(800), 4))

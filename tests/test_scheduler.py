@@ -201,3 +201,15 @@ def test_the_ledger_never_leaks_or_double_frees_under_random_traffic() -> None:
         kv.release(sid, keep=False, decoded=decoded)
     kv.evict_all()
     assert kv.used == 0 and not mem.held and len(kv.free_ids) == n_seq
+
+
+def test_the_stretch_bounds_a_step_by_the_decode_only_step() -> None:
+    cost = trained(0.002, 0.004, 0.0001, 0.0)
+    decode_only = cost.predict(25, 8000, 25)
+    budget = step_budget(cost, 0.0, 256, decoding=25, cells=8000, stretch=2.5)
+    assert 25 + MIN_PREFILL_TOKENS < budget < 256
+    assert cost.predict(budget, 8000, 25) <= 2.5 * decode_only < cost.predict(budget + 1, 8000, 25)
+    # The tighter of the two limits wins; with both off the step is the whole batch.
+    assert step_budget(cost, 0.25, 256, 25, 8000, stretch=100.0) == step_budget(cost, 0.25, 256, 25, 8000)
+    assert step_budget(cost, 1.0, 256, 25, 8000, stretch=2.5) == budget
+    assert step_budget(cost, 0.0, 256, 25, 8000, stretch=0.0) == 256

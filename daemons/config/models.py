@@ -10,7 +10,7 @@ from daemons import cpu
 from daemons.config.schema import setting
 
 Engine = Literal["batch", "simple"]
-# llama.cpp's KV cache types onebox offers (daemons/plan.py KV_TYPES has their block sizes).
+# llama.cpp's KV cache types onebox offers (daemons/infer/memory.py KV_TYPES has their block sizes).
 KvType = Literal["f16", "q8_0", "q4_0"]
 
 
@@ -88,6 +88,12 @@ class ModelConfig:
              "every decoding sequence's token and as many prompt tokens as fit this target, by the\n"
              "step cost the engine measures as it runs (at least 16, at most step_tokens). 0: every\n"
              "step takes step_tokens (faster first tokens for long prompts, jerkier streams).", ge=0)
+    itl_stretch: float = setting(
+        1.6, "While prompts prefill, a step takes at most this many times what it would take with\n"
+             "the decoding streams alone (by the measured step cost), so a stream's time between\n"
+             "tokens grows by at most this factor next to a long prompt (and never past\n"
+             "itl_target_ms). Lower: steadier streams, slower first tokens for long prompts. 0: off.",
+        ge=0)
     max_long_prefills: int = setting(
         1, "Prompts longer than step_tokens that prefill at the same time; the next long one waits\n"
            "(short ones behind it go first), so long documents do not stack up. 0: no limit.", ge=0)

@@ -106,7 +106,9 @@ class BatchEngine(OnFeeder):
 
     def start(self) -> None:
         self._refresh_snapshot(force=True)
-        target = f"{self.mc.itl_target_ms} ms inter-token target" if self.itl_target_s else "no inter-token target"
+        limits = ([f"{self.mc.itl_target_ms} ms"] if self.itl_target_s else []) + \
+            ([f"{self.mc.itl_stretch:g}x a decode-only step"] if self.mc.itl_stretch else [])
+        target = f"prefill within {' and '.join(limits)}" if limits else "no inter-token target"
         log.info("feeder starting: %d slots, %d KV cells, up to %d tokens per step (%s), %d cached prefixes",
                  self.mc.slots, self.kv_cells, self.step_tokens, target, self.mc.cached_prefixes)
         self.feeder.start()
@@ -387,7 +389,8 @@ class BatchEngine(OnFeeder):
             entries.append((s, [s.pending], batch.add(s.id, [s.pending], self.kv.length(s.id), True)))
         decoding = batch.n
         cells = self.kv.used
-        budget = scheduler.step_budget(self.cost, self.itl_target_s, self.step_tokens, decoding, cells)
+        budget = scheduler.step_budget(self.cost, self.itl_target_s, self.step_tokens, decoding, cells,
+                                       self.mc.itl_stretch)
         self.last_budget = budget
         for s, take in self._prefill_plan(budget - decoding):
             pos = self.kv.length(s.id)

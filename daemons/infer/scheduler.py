@@ -6,7 +6,8 @@ sequence gives its cells back when the pool runs dry.
 
 Latency-aware chunked prefill (Sarathi-Serve's idea): every decoding sequence gets its
 token each step, and prompt chunks fill the rest of a step budget that keeps the step
-under `itl_target_ms`. The cost of a step is learnt online (`StepCost`): a least-squares
+under `itl_target_ms` and under `itl_stretch` times a step of the decoding sequences
+alone. The cost of a step is learnt online (`StepCost`): a least-squares
 fit, with older steps weighing less, of
 
     seconds = fixed + tokens x (per_token + per_token_per_kcell x cells / 1000)
@@ -98,14 +99,22 @@ class StepCost:
         return int(room / per) if per > 0 and room > 0 else 0
 
 
-def step_budget(cost: StepCost, itl_target_s: float, cap: int, decoding: int, cells: int) -> int:
+def step_budget(cost: StepCost, itl_target_s: float, cap: int, decoding: int, cells: int,
+                stretch: float = 0.0) -> int:
     """Tokens the next step may carry: all of `cap` while no one is decoding (no stream
-    to keep steady) or the target is off (0) or the cost not yet known; else what keeps
-    the step within the target, at least every decoding sequence's token plus
-    MIN_PREFILL_TOKENS, never more than `cap` (the batch size)."""
-    if decoding == 0 or itl_target_s <= 0 or not cost.ready:
+    to keep steady), while the cost is not yet known, or when both limits are off (0);
+    else what keeps the step within the target — `itl_target_s`, and `stretch` times
+    what the step would cost with the decoding sequences alone, so that streams slow by
+    at most that factor whatever the CPU's speed — at least every decoding sequence's
+    token plus MIN_PREFILL_TOKENS, never more than `cap` (the batch size)."""
+    if decoding == 0 or not cost.ready:
         return cap
-    fits = cost.tokens_within(itl_target_s, cells, decoding)
+    limits = [itl_target_s] if itl_target_s > 0 else []
+    if stretch > 0:
+        limits.append(stretch * cost.predict(decoding, cells, decoding))
+    if not limits:
+        return cap
+    fits = cost.tokens_within(min(limits), cells, decoding)
     return min(cap, max(decoding + MIN_PREFILL_TOKENS, fits))
 
 
