@@ -86,7 +86,7 @@ class ModelConfig:
     itl_target_ms: int = setting(
         250, "Target time between a stream's tokens while prompts are prefilling: each step carries\n"
              "every decoding sequence's token and as many prompt tokens as fit this target, by the\n"
-             "step cost the engine measures as it runs (at least 16, at most step_tokens). 0: every\n"
+             "step cost the engine measures as it runs (at least 4, at most step_tokens). 0: every\n"
              "step takes step_tokens (faster first tokens for long prompts, jerkier streams).", ge=0)
     itl_stretch: float = setting(
         1.6, "While prompts prefill, a step takes at most this many times what it would take with\n"

@@ -22,6 +22,7 @@ from daemons.gguf_header import GgufError, arch_of, read_header
 from daemons.config import Config, ConfigError, ModelConfig
 from daemons.ctl import api
 from daemons.infer import memory
+from daemons.infer.memory import KV_TYPES
 
 EX_CONFIG = 78
 GB, GIB, MIB = 10**9, 2**30, 2**20
@@ -337,7 +338,7 @@ def render(r: dict[str, Any]) -> str:
     what = (f"{md['description']} ({md['architecture']}, {md['path']})" if md["source"] == "gguf"
             else "explicit architecture")
     kv_type, cell = r["kv_type"], r["bytes_per_token"]
-    bytes_text = "2 B" if kv_type == "f16" else f"{plan.KV_TYPES[kv_type][1]}/{plan.KV_TYPES[kv_type][0]} B"
+    bytes_text = "2 B" if kv_type == "f16" else f"{KV_TYPES[kv_type][1]}/{KV_TYPES[kv_type][0]} B"
     out = [f"onebox plan: {what}",
            f"  KV per token: {md['n_layer']} layers x {head_text} x ({md['key_length']} + {md['value_length']}) "
            f"x {bytes_text} ({kv_type}) = {cell:,} B ({cell / 1024:.1f} KiB)",
@@ -423,7 +424,7 @@ def parser() -> argparse.ArgumentParser:
                         help="context per user in tokens, e.g. 32768 or 32K (default: the model's n_ctx, else 4096)")
     parser.add_argument("--users", type=positive, metavar="N",
                         help="users served at once (default: as many as fit the budget)")
-    parser.add_argument("--kv-type", choices=tuple(plan.KV_TYPES),
+    parser.add_argument("--kv-type", choices=tuple(KV_TYPES),
                         help="KV cache type: f16 2 B a value, q8_0 34 B and q4_0 18 B per 32 (default: the "
                              "model's kv_type, else f16)")
     parser.add_argument("--memory", type=parse_bytes, metavar="SIZE",

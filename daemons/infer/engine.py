@@ -40,7 +40,7 @@ from daemons.bus.errors import RequestError
 from daemons.bus.worker import Emitter, Request
 from daemons.config import ModelConfig
 from daemons.feeder import Feeder, Inbox, OnFeeder, TestHooks
-from daemons.infer import output, scheduler
+from daemons.infer import native, output, scheduler
 from daemons.infer import request as request_mod
 from daemons.infer.kv import KvLedger
 from daemons.infer.model import Model
@@ -97,6 +97,10 @@ class BatchEngine(OnFeeder):
 
     def submit(self, req: Request) -> None:
         gen = request_mod.parse(req.body)
+        if gen.grammar is not None:
+            native.check_grammar(self.model.vocab, gen.grammar)
+        if gen.client_request_id:
+            log.info("request %s: the client's x-request-id is %s", req.id, gen.client_request_id)
         self.inbox.put((req, gen))
 
     def cancel(self, request_id: str) -> None:
@@ -245,7 +249,7 @@ class BatchEngine(OnFeeder):
             if back is None:
                 seed = p.gen.seed if p.gen.seed is not None else random.getrandbits(32)
                 # Built before anything is taken, so a failure here leaks no sequence id.
-                sampler = Sampler(p.gen, seed, self.model.n_vocab)
+                sampler = Sampler(p.gen, seed, self.model.n_vocab, self.model.vocab)
             del self.waiting[i]
             # n_seq_max = slots + cached_prefixes: with a slot free, an id is free too.
             sid = self.kv.take_id()
@@ -253,7 +257,7 @@ class BatchEngine(OnFeeder):
             if back is None:
                 s = Seq(id=sid, order=self._order, rank=self._order, req=p.req, gen=p.gen, prompt=p.prompt,
                         max_new=p.max_new, reserve_target=target, sampler=sampler,
-                        reply=Reply(self.emit, p.req.id, p.gen.stop, p.gen.fitted))
+                        reply=Reply(self.emit, p.req.id, p.gen.stop, p.gen.fitted, self.model.tool_parser(p.gen)))
                 s.sampler.accept_prompt(p.prompt)
                 self.lookups += 1
             else:

@@ -16,7 +16,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from daemons.bus.errors import RequestError
 from daemons.config import ModelConfig
-from daemons.infer import native, rag
+from daemons.infer import native, rag, tools
 from daemons.infer.request import GenRequest
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class Model:
             eos_token=lm.token_get_text(eos_id) if eos_id != -1 else "",
             bos_token=lm.token_get_text(bos_id) if bos_id != -1 else "",
         )
+        # Its template renders `tools` itself; else onebox's generic format (daemons/infer/tools.py).
+        self.native_tools = tools.template_takes_tools(template or "")
         self._vocab = lm.vocab
         self.n_vocab = lm.n_vocab()
 
@@ -91,10 +93,29 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    def prompt_tokens(self, req: GenRequest, messages: list[dict[str, str]] | None = None) -> list[int]:
+    @property
+    def vocab(self) -> Any:
+        """llama.cpp's vocabulary pointer (for grammar samplers)."""
+        return self._vocab
+
+    def tool_parser(self, req: GenRequest) -> tools.ToolCalls | None:
+        """What finds tool calls in this request's output (None: it declares no tools)."""
+        if not req.calls_tools:
+            return None
+        return tools.ToolCalls({t["name"] for t in req.tools}, req.parallel_tool_calls, bare_json=self.native_tools)
+
+    def prompt_tokens(self, req: GenRequest, messages: list[dict[str, Any]] | None = None) -> list[int]:
         if req.kind == "chat":
+            msgs = messages if messages is not None else req.messages
+            extra: dict[str, Any] = {}
+            if self.native_tools:
+                msgs = tools.native_messages(msgs)
+                if req.calls_tools:
+                    extra["tools"] = tools.native_tools(req.tools)
+            else:
+                msgs = tools.generic_messages(msgs, req.tools, req.tool_choice)
             try:
-                rendered = self.formatter(messages=messages if messages is not None else req.messages)  # type: ignore[arg-type]
+                rendered = self.formatter(messages=msgs, **extra)  # type: ignore[arg-type]
             except Exception as exc:  # the template's own raise_exception, or a Jinja error
                 raise RequestError(f"the model's chat template refused these messages: {exc}", 400)
             return list(self.lm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special,

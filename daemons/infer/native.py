@@ -4,15 +4,19 @@ any llama.cpp daemon needs (errors, logs, batches, pieces) is in daemons/llama.p
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
+from daemons.bus.errors import RequestError
+
+from daemons.infer.memory import KV_TYPES, row_bytes
 from daemons.infer.request import GenRequest
 from daemons.llama import Batch, KvFull, LlamaError, context_params, init_context, meta
-from daemons.infer.memory import KV_TYPES, row_bytes
 
 # llama-cpp-python's own greedy/penalty defaults, so one request matches its output.
 PENALTY_LAST_N = 64
@@ -145,16 +149,32 @@ class Context:
 
 
 class Sampler:
-    """One request's sampler chain: its own parameters and seed."""
+    """One request's sampler chain: its own parameters and seed; with a grammar (JSON
+    output, tool calls) and with logprobs, sampled from the logits by hand.
 
-    def __init__(self, gen: GenRequest, seed: int, n_vocab: int) -> None:
+    A grammar masks the tokens that would leave it, which costs a pass over the whole
+    vocabulary; as llama.cpp's common_sampler does, the chain picks a token first and
+    the grammar checks only that one, masking the vocabulary only when it refuses, so
+    constrained sequences cost little more than the rest of the batch."""
+
+    def __init__(self, gen: GenRequest, seed: int, n_vocab: int, vocab: Any = None) -> None:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         if not chain:
             raise LlamaError("llama_sampler_chain_init failed")
         self.chain = chain
+        self.n_vocab = n_vocab
+        self.grammar: Any = None
+        self.top_logprobs = gen.logprobs
+        # The token just sampled: (its logprob, [(token, logprob)] best first), with logprobs on.
+        self.logprob: tuple[float, list[tuple[int, float]]] | None = None
+        self._cur: np.ndarray | None = None
         repeat = gen.repeat_penalty  # request.parse maps 0 to 1.0: llama.cpp divides by it
         self.penalized = repeat != 1.0 or gen.frequency_penalty != 0.0 or gen.presence_penalty != 0.0
         add = llama_cpp.llama_sampler_chain_add
+        if gen.logit_bias:
+            biases = (llama_cpp.llama_logit_bias * len(gen.logit_bias))(
+                *(llama_cpp.llama_logit_bias(tok, bias) for tok, bias in gen.logit_bias.items()))
+            add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(gen.logit_bias), biases))
         if self.penalized:
             add(chain, llama_cpp.llama_sampler_init_penalties(
                 n_vocab, PENALTY_LAST_N, repeat, gen.frequency_penalty, gen.presence_penalty))
@@ -169,6 +189,15 @@ class Sampler:
                 add(chain, llama_cpp.llama_sampler_init_min_p(gen.min_p, 1))
             add(chain, llama_cpp.llama_sampler_init_temp(gen.temperature))
             add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        if gen.grammar is not None:
+            if vocab is None:
+                self.close()
+                raise LlamaError("a grammar needs the model's vocabulary")
+            self.grammar = llama_cpp.llama_sampler_init_grammar(vocab, gen.grammar.encode(), b"root")
+            if not self.grammar:
+                self.close()
+                raise RequestError("llama.cpp could not parse the grammar for this request's output constraint "
+                                   "(response_format or tools)", 400)
 
     def accept_prompt(self, tokens: Sequence[int]) -> None:
         """Penalties look at recent tokens, the prompt's included."""
@@ -178,11 +207,77 @@ class Sampler:
 
     def sample(self, ctx: Context, index: int) -> int:
         """Sample from the logits at batch `index` (and accept the token)."""
-        return int(llama_cpp.llama_sampler_sample(self.chain, ctx.ctx, index))
+        if self.grammar is None and self.top_logprobs is None:
+            return int(llama_cpp.llama_sampler_sample(self.chain, ctx.ctx, index))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, index), shape=(self.n_vocab,))
+        if self.grammar is None:
+            token = int(llama_cpp.llama_sampler_sample(self.chain, ctx.ctx, index))
+        else:
+            token = self._apply(logits, grammar_first=False)
+            if not self._allowed(token, float(logits[token])):
+                token = self._apply(logits, grammar_first=True)
+            llama_cpp.llama_sampler_accept(self.grammar, token)
+            llama_cpp.llama_sampler_accept(self.chain, token)
+        if self.top_logprobs is not None:
+            self.logprob = logprobs(logits, token, self.top_logprobs)
+        return token
+
+    def _apply(self, logits: np.ndarray, grammar_first: bool) -> int:
+        """The chain's pick over every token (masked by the grammar first, if asked)."""
+        if self._cur is None:
+            self._cur = np.zeros(self.n_vocab, dtype=TOKEN_DATA)
+            self._cur["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        cur = self._cur
+        cur["logit"] = logits
+        cur["p"] = 0.0
+        arr = llama_cpp.llama_token_data_array(
+            data=cur.ctypes.data_as(llama_cpp.llama_token_data_p), size=self.n_vocab, selected=-1, sorted=False)
+        if grammar_first:
+            llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(arr))
+        if not 0 <= arr.selected < arr.size:
+            raise LlamaError(f"the sampler chain selected no token (selected {arr.selected} of {arr.size})")
+        # The chain may sort the array in place: what it selected is an index into it.
+        return int(cur["id"][arr.selected])
+
+    def _allowed(self, token: int, logit: float) -> bool:
+        one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, logit, 0.0))
+        arr = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        return bool(np.isfinite(one[0].logit))
 
     def close(self) -> None:
         if self.chain:
             llama_cpp.llama_sampler_free(self.chain)
             self.chain = None
+        if self.grammar:
+            llama_cpp.llama_sampler_free(self.grammar)
+            self.grammar = None
 
 
+def check_grammar(vocab: Any, grammar: str) -> None:
+    """RequestError (400) unless llama.cpp parses `grammar` (before the request queues)."""
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not sampler:
+        raise RequestError("llama.cpp could not parse the grammar for this request's output constraint "
+                           "(response_format or tools)", 400)
+    llama_cpp.llama_sampler_free(sampler)
+
+
+# llama_token_data as numpy sees it: the array a sampler chain is applied to.
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+def logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """`token`'s log-probability under the model's distribution (the softmax of the raw
+    logits, before penalties, temperature and truncation) and the `top` most likely
+    tokens with theirs, best first."""
+    x = logits.astype(np.float64)
+    peak = float(x.max())
+    lse = peak + float(np.log(np.exp(x - peak).sum()))
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        idx = np.argpartition(-x, top - 1)[:top]
+        idx = idx[np.argsort(-x[idx], kind="stable")]
+        best = [(int(i), float(x[i]) - lse) for i in idx]
+    return float(x[token]) - lse, best

@@ -3,7 +3,7 @@ stream (daemons/infer/reply.py: UTF-8 and stop strings) or ends the request."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from daemons.infer.seq import Seq
 from daemons.llama import Pieces
@@ -21,9 +21,23 @@ def accept(s: Seq, token: int, vocab: Vocab, pieces: Pieces) -> str | None:
         return "stop"
     s.produced += 1
     s.generated.append(token)
-    if s.reply.piece(pieces(token)):
+    data = pieces(token)
+    lp = s.sampler.logprob
+    if s.reply.piece(data, None if lp is None else logprob_entry(token, data, lp, pieces)):
         return "stop"
     if s.produced >= s.max_new:
         return "length"
     s.pending = token
     return None
+
+
+def _token(data: bytes) -> dict[str, Any]:
+    return {"token": data.decode("utf-8", "replace"), "bytes": list(data)}
+
+
+def logprob_entry(token: int, data: bytes, lp: tuple[float, list[tuple[int, float]]],
+                  pieces: Pieces) -> dict[str, Any]:
+    """One token's logprobs in OpenAI's shape: token, logprob, bytes, top_logprobs."""
+    chosen, best = lp
+    return {**_token(data), "logprob": round(chosen, 6),
+            "top_logprobs": [{**_token(pieces(t)), "logprob": round(v, 6)} for t, v in best]}

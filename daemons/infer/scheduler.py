@@ -29,8 +29,10 @@ import numpy as np
 # Prefill order: a prompt waiting this many seconds counts as this many tokens shorter.
 AGING_TOKENS_PER_S = 100.0
 # A step always has room for this many prompt tokens, however slow steps are, so a long
-# prompt is never starved by a crowd of decoding sequences.
-MIN_PREFILL_TOKENS = 16
+# prompt is never starved by a crowd of decoding sequences. Small, so that the streams'
+# slow-down stays what itl_stretch says on a slow CPU too (16 prompt tokens cost twice a
+# decode step of 8 streams on this 2-core box).
+MIN_PREFILL_TOKENS = 4
 # Steps timed before the fit is used (until then the step budget is step_tokens).
 WARMUP_STEPS = 8
 # Each older step weighs this much less than the next (a half-life of ~35 steps).

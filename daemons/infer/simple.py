@@ -17,6 +17,10 @@ import time
 from collections import deque
 from typing import Any
 
+import numpy as np
+from llama_cpp import LogitsProcessorList
+from llama_cpp.llama_grammar import LlamaGrammar
+
 from daemons.bus.errors import RequestError
 from daemons.bus.worker import Emitter, Request
 from daemons.config import ModelConfig
@@ -56,7 +60,12 @@ class SimpleEngine(OnFeeder):
 
     def submit(self, req: Request) -> None:
         # Bounded by the worker, which refuses requests beyond `capacity` before this.
-        self._queue.put((req, request_mod.parse(req.body)))
+        gen = request_mod.parse(req.body)
+        if gen.logprobs is not None:
+            raise RequestError("logprobs are not available with engine = \"simple\" (the batch engine has them)", 400)
+        if gen.client_request_id:
+            log.info("request %s: the client's x-request-id is %s", req.id, gen.client_request_id)
+        self._queue.put((req, gen))
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -118,14 +127,15 @@ class SimpleEngine(OnFeeder):
         model = self.model
         prompt, max_new = model.prepare(gen, self.mc.default_max_tokens)
         model.llama.set_seed(gen.seed if gen.seed is not None else random.getrandbits(32))
-        reply = Reply(self.emit, req.id, gen.stop, gen.fitted)
+        reply = Reply(self.emit, req.id, gen.stop, gen.fitted, model.tool_parser(gen))
         produced = 0
         finish = "length"
         self.feeder.expect(2.0 + PREFILL_S_PER_TOKEN * len(prompt))
         for token in model.llama.generate(
             prompt, top_k=gen.top_k, top_p=gen.top_p, min_p=gen.min_p, temp=gen.temperature,
             repeat_penalty=gen.repeat_penalty, frequency_penalty=gen.frequency_penalty,
-            presence_penalty=gen.presence_penalty, reset=True,
+            presence_penalty=gen.presence_penalty, reset=True, grammar=grammar(gen),
+            logits_processor=logit_bias(gen),
         ):
             self.feeder.progress()
             if self._is_cancelled(req.id):
@@ -149,3 +159,21 @@ class SimpleEngine(OnFeeder):
         self.generated += produced
         log.debug("request %s: %d prompt + %d generated tokens in %.2f s (%s)",
                   req.id, len(prompt), produced, elapsed, finish)
+
+
+def grammar(gen: request_mod.GenRequest) -> LlamaGrammar | None:
+    return None if gen.grammar is None else LlamaGrammar.from_string(gen.grammar, verbose=False)
+
+
+def logit_bias(gen: request_mod.GenRequest) -> LogitsProcessorList | None:
+    if not gen.logit_bias:
+        return None
+    tokens = np.array(list(gen.logit_bias), dtype=np.intc)
+    biases = np.array(list(gen.logit_bias.values()), dtype=np.single)
+
+    def add(_ids: Any, scores: Any) -> Any:
+        valid = tokens < len(scores)
+        scores[tokens[valid]] += biases[valid]
+        return scores
+
+    return LogitsProcessorList([add])
