@@ -13,7 +13,7 @@ import pytest
 
 from daemons.infer import scheduler
 from daemons.infer.kv import KvLedger
-from daemons.infer.scheduler import MIN_PREFILL_TOKENS, Prompt, StepCost, step_budget
+from daemons.infer.scheduler import MIN_PREFILL_TOKENS, STRETCH_FLOOR_S, Prompt, StepCost, step_budget
 
 # -- the step cost model --------------------------------------------------------------
 
@@ -76,7 +76,7 @@ def test_a_crowd_of_decoders_still_leaves_room_for_some_prefill() -> None:
     cost = trained(0.0, 0.02, 0.0, 0.0)  # 20 ms a token: 25 decoders alone take 0.5 s
     assert step_budget(cost, 0.25, 256, decoding=25, cells=1000) == 25 + MIN_PREFILL_TOKENS
     # ... but never more than a batch holds.
-    assert step_budget(cost, 0.25, 30, decoding=25, cells=1000) == 30
+    assert step_budget(cost, 0.25, 27, decoding=25, cells=1000) == 27
 
 
 # -- the prefill plan -----------------------------------------------------------------
@@ -213,3 +213,15 @@ def test_the_stretch_bounds_a_step_by_the_decode_only_step() -> None:
     assert step_budget(cost, 0.25, 256, 25, 8000, stretch=100.0) == step_budget(cost, 0.25, 256, 25, 8000)
     assert step_budget(cost, 1.0, 256, 25, 8000, stretch=2.5) == budget
     assert step_budget(cost, 0.0, 256, 25, 8000, stretch=0.0) == 256
+    # A few cheap decoders: the stretch never holds a step under STRETCH_FLOOR_S.
+    one = step_budget(cost, 0.0, 256, decoding=1, cells=500, stretch=1.5)
+    assert 1.5 * cost.predict(1, 500, 1) < STRETCH_FLOOR_S
+    assert cost.predict(one, 500, 1) <= STRETCH_FLOOR_S < cost.predict(one + 1, 500, 1)
+
+
+def test_long_prompts_keep_to_the_stretched_budget_short_ones_do_not() -> None:
+    prompts = [Prompt("doc", 1500, 0.0, 1, 1500, long=True), Prompt("chat1", 30, 0.0, 2, 30),
+               Prompt("chat2", 40, 0.0, 3, 40)]
+    assert scheduler.chunks(prompts, 200, long_budget=10) == [("chat1", 30), ("chat2", 40), ("doc", 10)]
+    assert scheduler.chunks(prompts, 50, long_budget=10) == [("chat1", 30), ("chat2", 20)]
+    assert scheduler.chunks(prompts, 200) == [("chat1", 30), ("chat2", 40), ("doc", 130)]

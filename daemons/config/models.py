@@ -89,10 +89,12 @@ class ModelConfig:
              "step cost the engine measures as it runs (at least 4, at most step_tokens). 0: every\n"
              "step takes step_tokens (faster first tokens for long prompts, jerkier streams).", ge=0)
     itl_stretch: float = setting(
-        1.6, "While prompts prefill, a step takes at most this many times what it would take with\n"
-             "the decoding streams alone (by the measured step cost), so a stream's time between\n"
-             "tokens grows by at most this factor next to a long prompt (and never past\n"
-             "itl_target_ms). Lower: steadier streams, slower first tokens for long prompts. 0: off.",
+        1.6, "While a long prompt (more than step_tokens) prefills, a step takes at most this many\n"
+             "times what it would take with the decoding streams alone (by the measured step cost;\n"
+             "never held under 50 ms), so a stream's time between tokens grows by at most this\n"
+             "factor next to a long document (and never past itl_target_ms; short prompts are\n"
+             "held to itl_target_ms only). Lower: steadier streams, slower first tokens for long\n"
+             "prompts. 0: off.",
         ge=0)
     max_long_prefills: int = setting(
         1, "Prompts longer than step_tokens that prefill at the same time; the next long one waits\n"

