@@ -170,6 +170,8 @@ class Sampler:
         self._cur: np.ndarray | None = None
         repeat = gen.repeat_penalty  # request.parse maps 0 to 1.0: llama.cpp divides by it
         self.penalized = repeat != 1.0 or gen.frequency_penalty != 0.0 or gen.presence_penalty != 0.0
+        # Greedy on the raw logits: the chain's pick is their argmax.
+        self.plain_greedy = gen.temperature == 0.0 and not self.penalized and not gen.logit_bias
         add = llama_cpp.llama_sampler_chain_add
         if gen.logit_bias:
             biases = (llama_cpp.llama_logit_bias * len(gen.logit_bias))(
@@ -213,14 +215,30 @@ class Sampler:
         if self.grammar is None:
             token = int(llama_cpp.llama_sampler_sample(self.chain, ctx.ctx, index))
         else:
-            token = self._apply(logits, grammar_first=False)
-            if not self._allowed(token, float(logits[token])):
-                token = self._apply(logits, grammar_first=True)
+            token = self._constrained(logits)
             llama_cpp.llama_sampler_accept(self.grammar, token)
             llama_cpp.llama_sampler_accept(self.chain, token)
         if self.top_logprobs is not None:
             self.logprob = logprobs(logits, token, self.top_logprobs)
         return token
+
+    def _constrained(self, logits: np.ndarray) -> int:
+        """The token the chain would pick from the logits masked by the grammar."""
+        if self.plain_greedy:
+            # The masked argmax is the most likely token the grammar allows: try the
+            # best few in order, one cheap check each, before masking the vocabulary.
+            token = int(logits.argmax())
+            if self._allowed(token, float(logits[token])):
+                return token
+            best = np.argpartition(-logits, GREEDY_TRIES)[:GREEDY_TRIES]
+            for t in best[np.argsort(-logits[best], kind="stable")]:
+                if self._allowed(int(t), float(logits[t])):
+                    return int(t)
+            return self._apply(logits, grammar_first=True)
+        token = self._apply(logits, grammar_first=False)
+        if self._allowed(token, float(logits[token])):
+            return token
+        return self._apply(logits, grammar_first=True)
 
     def _apply(self, logits: np.ndarray, grammar_first: bool) -> int:
         """The chain's pick over every token (masked by the grammar first, if asked)."""
@@ -264,6 +282,9 @@ def check_grammar(vocab: Any, grammar: str) -> None:
     llama_cpp.llama_sampler_free(sampler)
 
 
+# Greedy under a grammar: the most likely tokens checked one by one before the grammar
+# masks the whole vocabulary (a pass over every token's text: milliseconds).
+GREEDY_TRIES = 32
 # llama_token_data as numpy sees it: the array a sampler chain is applied to.
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 

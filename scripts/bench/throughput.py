@@ -26,7 +26,8 @@ efficiency: onebox's (a) N=16 tokens/s over a bare in-process llama_decode loop 
 same batch size (16 sequences, same prompts, 64 tokens each), and over that loop with
 the prompts' common prefix decoded once, as onebox does; (b)'s ceiling: the same bare
 loop doing (b)'s work, over llama_cpp.server's (b) (the most an engine with the same
-threads and step size gets from this llama.cpp build on this machine); (d)'s figures
+threads and step size gets from this llama.cpp build on this machine), and (c)'s the same
+way; (d)'s and (e)'s figures
 per server; and as the last line one JSON object with every figure ("d" for (d)). Run
 it on a quiet machine: every number here is CPU-bound and shares the cores with the
 client.
@@ -476,7 +477,9 @@ def scenarios(quick: bool, tokenize: Any, wanted: set[str]) -> list[tuple[str, l
                                                            "saws", "hoses", "ladders", "screws", "brushes", "nails",
                                                            "rakes", "buckets", "tapes", "glues"])][:n]
         out.append((f"e_json_schema_{n}", [Req(m, response_format=E_FORMAT) for m in asks]))
-        out.append((f"e_unconstrained_{n}", [Req(m) for m in asks]))
+        # The same asks in other words up front, so that neither run finds the other's
+        # prompts in the prefix cache.
+        out.append((f"e_unconstrained_{n}", [Req(user("Please. " + m[0]["content"])) for m in asks]))
     return out
 
 
@@ -634,7 +637,7 @@ def main() -> int:
 
     mc = ModelConfig(path=args.model, n_ctx=N_CTX, threads=args.threads,
                      **{k: v for k, v in extra.items() if k in ModelConfig.__dataclass_fields__})
-    model = Model.load(model_path, mc, "batch") if {"a", "b"} & wanted else None
+    model = Model.load(model_path, mc, "batch") if {"a", "b", "c"} & wanted else None
     bare = bare_shared = 0.0
     if model is not None and "a_n16" in results.get("onebox", {}):
         a16 = [user(f"Write a short paragraph about {TOPICS[i]}.") for i in range(16)]
@@ -651,6 +654,15 @@ def main() -> int:
         b_toks = [model.prompt_tokens(parse({"kind": "chat", "messages": r.messages})) for r in b_reqs]
         bare_b = bare_decode(model_path, args.threads, b_toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens,
                              mc.flash_attn, share=True)
+
+    # (c)'s ceiling: its 26 prompts (6 near the context limit) through the same bare loop:
+    # every prompt prefilled, then all decoded together, in one shared pool as onebox's.
+    c_reqs = dict(plan).get("c_mixed_20_short_6_long")
+    bare_c = None
+    if model is not None and c_reqs:
+        c_toks = [model.prompt_tokens(parse({"kind": "chat", "messages": r.messages})) for r in c_reqs]
+        bare_c = bare_decode(model_path, args.threads, c_toks, MAX_TOKENS, mc.kv_tokens, mc.step_tokens,
+                             mc.flash_attn, share=False)
 
     print("\nratios (onebox / llama_cpp.server):")
     summary: dict[str, Any] = {"model": model_path.name, "name": args.name, "threads": args.threads, "n_ctx": N_CTX,
@@ -683,6 +695,18 @@ def main() -> int:
             summary["b_ceiling"]["over_baseline"] = round(limit, 2)
             line += (f" = x{limit:.2f} of llama_cpp.server's (b): the most an engine with these settings "
                      "gets from this build on this machine")
+        print(line)
+    if bare_c is not None:
+        summary["c_ceiling"] = {"bare_decode_tokens_per_s": round(bare_c, 1)}
+        line = f"(c) ceiling: a bare llama_decode loop doing (c)'s work gives {bare_c:.1f} tok/s"
+        if "llama_cpp.server" in results:
+            limit = bare_c / max(results["llama_cpp.server"]["c_mixed_20_short_6_long"]["tokens_per_s"], 1e-9)
+            summary["c_ceiling"]["over_baseline"] = round(limit, 2)
+            line += f" = x{limit:.2f} of llama_cpp.server's (c)"
+        if "onebox" in results:
+            summary["c_ceiling"]["onebox_over_ceiling"] = round(
+                results["onebox"]["c_mixed_20_short_6_long"]["tokens_per_s"] / max(bare_c, 1e-9), 3)
+            line += f"; onebox gets {summary['c_ceiling']['onebox_over_ceiling']:.2f} of it"
         print(line)
     if "onebox" in results and "c_mixed_20_short_6_long" in results["onebox"]:
         c = results["onebox"]["c_mixed_20_short_6_long"]
