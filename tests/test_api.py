@@ -128,7 +128,7 @@ BAD = [
     (json.dumps({"model": "smollm2", "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, None),
     (json.dumps({**CHAT, "temperature": "hot"}).encode(), 400, "temperature"),
     (json.dumps({**CHAT, "max_tokens": -5}).encode(), 400, "max_tokens"),
-    (json.dumps({**CHAT, "n": 3}).encode(), 400, "n"),
+    (json.dumps({**CHAT, "n": 17}).encode(), 400, "n"),
     (json.dumps({**CHAT, "stop": [""]}).encode(), 400, "stop"),
     (json.dumps({**CHAT, "model": "no-such-model"}).encode(), 404, "does not exist"),
 ]

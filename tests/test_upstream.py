@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
+import httpx
+import openai
 import pytest
 
+from daemons.router.shape import Reply
 from daemons.router.upstream import Provider, ProviderSpec, UpstreamCall, UpstreamError
-from daemons.router.upstream import anthropic, provider as provider_module
+from daemons.router.upstream import anthropic, openai as upstream_openai, provider as provider_module
 from tests.fakes.upstream import FakeUpstream
+from tests.router_stubs import Router
 
 T = TypeVar("T")
 KEY = "sk-test-0123456789abcdef"
@@ -507,3 +512,350 @@ def test_body_that_is_neither_chat_nor_completion_is_400(fake: FakeUpstream) -> 
     err = run(lambda: failure(spec(fake), {"kind": "embed", "input": ["x"]}))
     assert err.code == 400 and "embed" in err.message
     assert fake.requests() == []
+
+
+# -- the request surface: structured outputs, tools, logprobs, logit_bias, user -------
+
+WEATHER = {"name": "weather", "description": "the weather in a city", "strict": False,
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+CLOCK = {"name": "clock", "description": "", "strict": False, "parameters": {"type": "object", "properties": {}}}
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+# A history with a tool call and its result, as ChatRequest.body() makes it.
+HISTORY: list[dict[str, Any]] = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "weather in Oslo and Rome?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Rome"}'}}]},
+    {"role": "tool", "content": "rain", "tool_call_id": "call_a"},
+    {"role": "tool", "content": "sun", "tool_call_id": "call_b"},
+    {"role": "user", "content": "so?"},
+]
+
+
+def tool_body(**over: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {"messages": HISTORY, "tools": [WEATHER, CLOCK], "tool_choice": "auto",
+                              "parallel_tool_calls": True, "logit_bias": [], "logprobs": None, **over}
+    return chat_body(**fields)
+
+
+def assembled(pairs: list[tuple[str, dict[str, Any]]]) -> Reply:
+    reply = Reply()
+    for kind, data in pairs:
+        if kind == "partial":
+            reply.add(data)
+        else:
+            reply.final = data
+    return reply
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_openai_chat_fields_reach_upstream_in_openais_shape(fake: FakeUpstream, stream: bool) -> None:
+    body = tool_body(tool_choice={"name": "weather"}, parallel_tool_calls=False, logprobs=2,
+                     logit_bias=[[7, 2.5], [15, -100.0]], user="alice@example",
+                     response_format={"type": "json_schema", "schema": SCHEMA, "strict": True},
+                     tools=[{**WEATHER, "strict": True}, CLOCK])
+    run(lambda: one(spec(fake), body, stream))
+    [req] = fake.requests()
+    sent = req["body"]
+    assert sent["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "response", "schema": SCHEMA, "strict": True}}
+    assert sent["tools"] == [
+        {"type": "function", "function": {"name": "weather", "description": "the weather in a city",
+                                          "parameters": WEATHER["parameters"], "strict": True}},
+        {"type": "function", "function": {"name": "clock", "parameters": {"type": "object", "properties": {}}}}]
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
+    assert sent["parallel_tool_calls"] is False
+    assert (sent["logprobs"], sent["top_logprobs"]) == (True, 2)
+    assert sent["logit_bias"] == {"7": 2.5, "15": -100.0}
+    assert sent["user"] == "alice@example"
+    assert "n" not in sent  # the router fans n out: each upstream call is one choice
+    assistant, first, second = sent["messages"][2:5]
+    assert assistant == {"role": "assistant", "content": None, "tool_calls": HISTORY[2]["tool_calls"]}
+    assert first == {"role": "tool", "content": "rain", "tool_call_id": "call_a"}
+    assert second == {"role": "tool", "content": "sun", "tool_call_id": "call_b"}
+
+
+@pytest.mark.parametrize(("choice", "sent"), [
+    ("auto", "auto"), ("none", "none"), ("required", "required"),
+    ({"name": "clock"}, {"type": "function", "function": {"name": "clock"}})])
+def test_openai_tool_choice(fake: FakeUpstream, choice: Any, sent: Any) -> None:
+    run(lambda: one(spec(fake), tool_body(tool_choice=choice, response_format={"type": "json_object"}), False))
+    [req] = fake.requests()
+    assert req["body"]["tool_choice"] == sent and req["body"]["response_format"] == {"type": "json_object"}
+    # true is OpenAI's default; an empty logit_bias and logprobs off are not sent.
+    assert not {"parallel_tool_calls", "logit_bias", "logprobs", "top_logprobs", "user"} & set(req["body"])
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_openai_tool_calls_come_back_as_the_workers_do(fake: FakeUpstream, stream: bool) -> None:
+    calls = [{"name": "weather", "arguments": '{"city": "Oslo"}'}, {"name": "clock", "arguments": "{}"}]
+    fake.control(tool_calls=calls, words=0)
+    text, final, pairs = run(lambda: one(spec(fake), tool_body(), stream))
+    assert text == "" and final["finish_reason"] == "tool_calls"
+    reply = assembled(pairs)
+    assert reply.calls == {0: {"id": "call_0", "name": "weather", "arguments": '{"city": "Oslo"}'},
+                           1: {"id": "call_1", "name": "clock", "arguments": "{}"}}
+    if stream:  # the arguments came in two pieces each, the first with the call's id and name
+        pieces = [p for _, d in pairs[:-1] for p in d.get("tool_calls", [])]
+        assert pieces[0] == {"index": 0, "id": "call_0", "name": "weather", "arguments": '{"city":'}
+        assert pieces[1] == {"index": 0, "arguments": ' "Oslo"}'}
+        assert len(pieces) == 4
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_openai_chat_logprobs_come_back(fake: FakeUpstream, stream: bool) -> None:
+    _, _, pairs = run(lambda: one(spec(fake), chat_body(logprobs=2, logit_bias=[]), stream))
+    entries = assembled(pairs).logprobs
+    assert [e["token"] for e in entries] == ["w0"] + [f" w{i}" for i in range(1, WORDS)]
+    assert entries[1] == {"token": " w1", "logprob": -0.1, "bytes": list(b" w1"), "top_logprobs": [
+        {"token": "alt0", "logprob": -1.0, "bytes": list(b"alt0")},
+        {"token": "alt1", "logprob": -2.0, "bytes": list(b"alt1")}]}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_openai_completion_logprobs_legacy_shape_to_entries(fake: FakeUpstream, stream: bool) -> None:
+    text, _, pairs = run(lambda: one(spec(fake), completion_body(logprobs=1, max_tokens=3), stream))
+    [req] = fake.requests()
+    assert req["body"]["logprobs"] == 1 and "top_logprobs" not in req["body"]
+    assert text == "w0 w1 w2"
+    assert assembled(pairs).logprobs == [
+        {"token": t, "logprob": -i / 10, "bytes": list(t.encode()),
+         "top_logprobs": [{"token": "alt0", "logprob": -1.0, "bytes": list(b"alt0")}]}
+        for i, t in enumerate(["w0", " w1", " w2"])]
+
+
+def test_openai_legacy_logprobs_with_nulls() -> None:
+    assert upstream_openai.legacy_logprobs({"tokens": ["a", "b"], "token_logprobs": [None, -0.5],
+                                            "top_logprobs": [None, {"c": -1.5}], "text_offset": [0, 1]}) == [
+        {"token": "a", "logprob": 0.0, "bytes": [97], "top_logprobs": []},
+        {"token": "b", "logprob": -0.5, "bytes": [98], "top_logprobs": [{"token": "c", "logprob": -1.5,
+                                                                           "bytes": [99]}]}]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_anthropic_tools_and_history_reach_upstream(fake: FakeUpstream, stream: bool) -> None:
+    body = tool_body(parallel_tool_calls=False, tool_choice="required", user="alice@example")
+    run(lambda: one(spec(fake, "anthropic"), body, stream))
+    [req] = fake.requests()
+    sent = req["body"]
+    assert sent["tools"] == [
+        {"name": "weather", "description": "the weather in a city", "input_schema": WEATHER["parameters"]},
+        {"name": "clock", "input_schema": {"type": "object", "properties": {}}}]
+    assert sent["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+    assert sent["metadata"] == {"user_id": "alice@example"}
+    assert sent["system"] == "be brief"
+    assert sent["messages"] == [
+        {"role": "user", "content": "weather in Oslo and Rome?"},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "call_a", "name": "weather", "input": {"city": "Oslo"}},
+            {"type": "tool_use", "id": "call_b", "name": "weather", "input": {"city": "Rome"}}]},
+        {"role": "user", "content": [  # the results first, then the user's next words, in one turn
+            {"type": "tool_result", "tool_use_id": "call_a", "content": "rain"},
+            {"type": "tool_result", "tool_use_id": "call_b", "content": "sun"},
+            {"type": "text", "text": "so?"}]}]
+
+
+@pytest.mark.parametrize(("choice", "parallel", "sent"), [
+    ("auto", True, {"type": "auto"}), ("none", False, {"type": "none"}),
+    ("required", True, {"type": "any"}), ({"name": "clock"}, False,
+                                          {"type": "tool", "name": "clock", "disable_parallel_tool_use": True})])
+def test_anthropic_tool_choice(fake: FakeUpstream, choice: Any, parallel: bool, sent: dict[str, Any]) -> None:
+    run(lambda: one(spec(fake, "anthropic"), tool_body(tool_choice=choice, parallel_tool_calls=parallel), False))
+    [req] = fake.requests()
+    # "none" still sends the tools: the history's tool_use blocks need them defined.
+    assert req["body"]["tool_choice"] == sent and len(req["body"]["tools"]) == 2
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_anthropic_tool_use_comes_back_as_tool_calls(fake: FakeUpstream, stream: bool) -> None:
+    fake.control(tool_calls=[{"name": "weather", "arguments": '{"city": "Oslo"}'},
+                             {"name": "clock", "arguments": "{}"}], words=2)
+    text, final, pairs = run(lambda: one(spec(fake, "anthropic"), tool_body(), stream))
+    assert text == "w0 w1" and final["finish_reason"] == "tool_calls"
+    reply = assembled(pairs)
+    assert {i: {**c, "arguments": json.loads(c["arguments"])} for i, c in reply.calls.items()} == {
+        0: {"id": "toolu_0", "name": "weather", "arguments": {"city": "Oslo"}},
+        1: {"id": "toolu_1", "name": "clock", "arguments": {}}}
+    if stream:
+        pieces = [p for _, d in pairs[:-1] for p in d.get("tool_calls", [])]
+        assert pieces[0] == {"index": 0, "id": "toolu_0", "name": "weather", "arguments": ""}
+        assert "".join(p["arguments"] for p in pieces if p["index"] == 0) == '{"city":"Oslo"}'
+        assert pieces[-1] == {"index": 1, "arguments": "{}"}  # no input deltas: still an object
+
+
+def test_anthropic_stream_tool_use_events() -> None:
+    d = anthropic.Decoder()
+    assert d.feed({"type": "content_block_start", "index": 1, "content_block": {
+        "type": "tool_use", "id": "toolu_x", "name": "f", "input": {}}}) == \
+        ("partial", {"text": "", "tool_calls": [{"index": 0, "id": "toolu_x", "name": "f", "arguments": ""}]})
+    assert d.feed({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta",
+                                                                         "partial_json": '{"a": 1'}}) == \
+        ("partial", {"text": "", "tool_calls": [{"index": 0, "arguments": '{"a": 1'}]})
+    assert d.feed({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta",
+                                                                         "partial_json": ""}}) is None
+    assert d.feed({"type": "content_block_stop", "index": 1}) is None
+
+
+@pytest.mark.parametrize(("over", "param"), [
+    ({"logprobs": 0}, "logprobs"),
+    ({"logit_bias": [[5, 1.0]]}, "logit_bias"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "schema": SCHEMA, "strict": True}}, "response_format"),
+    ({"seed": 7}, "seed"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"presence_penalty": -0.5}, "presence_penalty"),
+    ({"tools": [{**WEATHER, "strict": True}], "tool_choice": "auto", "parallel_tool_calls": True},
+     "tools[0].function.strict"),
+])
+def test_anthropic_refuses_what_it_cannot_do(fake: FakeUpstream, over: dict[str, Any], param: str) -> None:
+    err = run(lambda: failure(spec(fake, "anthropic"), chat_body(**over)))
+    assert err.code == 400 and err.kind == "http_4xx" and not err.trips_breaker
+    assert f"'{param}'" in err.message and "anthropic" in err.message
+    assert err.retryable_elsewhere  # another model of a chain may honour it
+    assert fake.requests() == []
+
+
+def test_anthropic_refuses_tool_arguments_that_are_not_an_object(fake: FakeUpstream) -> None:
+    history = [dict(m) for m in HISTORY]
+    history[2] = {**history[2], "tool_calls": [{"id": "call_a", "type": "function",
+                                                "function": {"name": "weather", "arguments": "[1, 2]"}}]}
+    err = run(lambda: failure(spec(fake, "anthropic"), tool_body(messages=history[:4])))
+    assert err.code == 400 and "messages[2].tool_calls[0].function.arguments" in err.message
+    assert fake.requests() == []
+
+
+# -- through the router, with the openai SDK ------------------------------------------
+
+
+def router_raw(fake: FakeUpstream) -> dict[str, Any]:
+    return {
+        "providers": {"p": {"kind": "openai", "base_url": fake.url + "/v1"},
+                      "c": {"kind": "anthropic", "base_url": fake.url}},
+        "remote_models": {"gpt": {"provider": "p", "model": "up-gpt"}, "claude": {"provider": "c"},
+                          "claude-then-gpt": {"provider": "c", "fallback": ["gpt"]}},
+    }
+
+
+def via_router(fake: FakeUpstream, use: Callable[[openai.AsyncOpenAI], Awaitable[T]]) -> T:
+    async def go() -> T:
+        with Router(router_raw(fake)) as rt:
+            rt.state.providers["p"] = Provider(ProviderSpec(name="p", kind="openai", base_url=fake.url + "/v1",
+                                                            api_key=None, retries=0))
+            rt.state.providers["c"] = Provider(ProviderSpec(name="c", kind="anthropic", base_url=fake.url,
+                                                            api_key=None, retries=0))
+            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=rt.app), base_url="http://onebox")
+            client = openai.AsyncOpenAI(base_url="http://onebox/v1", api_key="unused", http_client=http,
+                                        max_retries=0)
+            try:
+                return await use(client)
+            finally:
+                await client.close()
+                for p in rt.state.providers.values():
+                    await p.aclose()
+    return asyncio.run(go())
+
+
+SDK_TOOLS: list[Any] = [{"type": "function", "function": {
+    "name": "weather", "description": "the weather in a city", "parameters": WEATHER["parameters"]}}]
+
+
+@pytest.mark.parametrize("model", ["gpt", "claude"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_tool_calls_through_the_router(fake: FakeUpstream, model: str, stream: bool) -> None:
+    fake.control(tool_calls=[{"name": "weather", "arguments": '{"city": "Oslo"}'}], words=0)
+
+    async def use(client: openai.AsyncOpenAI) -> tuple[Any, str | None, str | None]:
+        messages: list[Any] = [{"role": "user", "content": "weather in Oslo?"}]
+        if not stream:
+            r = await client.chat.completions.create(model=model, messages=messages, tools=SDK_TOOLS,
+                                                     tool_choice="required", max_tokens=50)
+            return r.choices[0].message.tool_calls, r.choices[0].message.content, r.choices[0].finish_reason
+        async with client.chat.completions.stream(model=model, messages=messages, tools=SDK_TOOLS,
+                                                  tool_choice="required", max_tokens=50) as s:
+            async for _ in s:
+                pass
+            done = await s.get_final_completion()
+        return done.choices[0].message.tool_calls, done.choices[0].message.content, done.choices[0].finish_reason
+
+    calls, content, finish = via_router(fake, use)
+    assert finish == "tool_calls" and not content
+    assert calls is not None and len(calls) == 1
+    assert calls[0].function.name == "weather" and json.loads(calls[0].function.arguments) == {"city": "Oslo"}
+    assert calls[0].id == ("call_0" if model == "gpt" else "toolu_0")
+    [req] = fake.requests()
+    assert req["body"]["tool_choice"] == ("required" if model == "gpt" else {"type": "any"})
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_chat_logprobs_through_the_router(fake: FakeUpstream, stream: bool) -> None:
+    async def use(client: openai.AsyncOpenAI) -> list[Any]:
+        messages: list[Any] = [{"role": "user", "content": "hi"}]
+        if not stream:
+            r = await client.chat.completions.create(model="gpt", messages=messages, logprobs=True, top_logprobs=1)
+            assert r.choices[0].logprobs is not None and r.choices[0].logprobs.content is not None
+            return list(r.choices[0].logprobs.content)
+        out: list[Any] = []
+        async for chunk in await client.chat.completions.create(model="gpt", messages=messages, logprobs=True,
+                                                                top_logprobs=1, stream=True):
+            if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
+                out.extend(chunk.choices[0].logprobs.content)
+        return out
+
+    entries = via_router(fake, use)
+    assert [e.token for e in entries] == ["w0"] + [f" w{i}" for i in range(1, WORDS)]
+    assert entries[2].logprob == pytest.approx(-0.2) and entries[2].bytes == list(b" w2")
+    assert [(t.token, t.logprob) for t in entries[2].top_logprobs] == [("alt0", -1.0)]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_completion_logprobs_through_the_router(fake: FakeUpstream, stream: bool) -> None:
+    async def use(client: openai.AsyncOpenAI) -> tuple[str, list[str], list[float], list[Any], list[int]]:
+        if not stream:
+            r = await client.completions.create(model="gpt", prompt="a b", max_tokens=3, logprobs=1)
+            lp = r.choices[0].logprobs
+            assert lp is not None
+            return (r.choices[0].text, list(lp.tokens or []), list(lp.token_logprobs or []),
+                    list(lp.top_logprobs or []), list(lp.text_offset or []))
+        text, toks, lps, tops, offsets = "", [], [], [], []
+        async for chunk in await client.completions.create(model="gpt", prompt="a b", max_tokens=3, logprobs=1,
+                                                           stream=True):
+            if chunk.choices:
+                text += chunk.choices[0].text
+                lp = chunk.choices[0].logprobs
+                if lp is not None:
+                    toks += lp.tokens or []
+                    lps += lp.token_logprobs or []
+                    tops += lp.top_logprobs or []
+                    offsets += lp.text_offset or []
+        return text, toks, lps, tops, offsets
+
+    text, toks, lps, tops, offsets = via_router(fake, use)
+    assert text == "w0 w1 w2" and toks == ["w0", " w1", " w2"]
+    assert lps == pytest.approx([0.0, -0.1, -0.2]) and tops == [{"alt0": -1.0}] * 3 and offsets == [0, 2, 5]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_anthropic_refusal_is_a_400_through_the_router(fake: FakeUpstream, stream: bool) -> None:
+    async def use(client: openai.AsyncOpenAI) -> openai.BadRequestError:
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="claude", messages=[{"role": "user", "content": "hi"}],
+                                                 logprobs=True, stream=stream)
+        return info.value
+
+    err = via_router(fake, use)
+    assert err.status_code == 400 and "'logprobs'" in err.message and "anthropic" in err.message
+    assert fake.requests() == []
+
+
+def test_a_refusal_falls_back_to_a_model_that_can(fake: FakeUpstream) -> None:
+    async def use(client: openai.AsyncOpenAI) -> Any:
+        return await client.chat.completions.create(
+            model="claude-then-gpt", messages=[{"role": "user", "content": "hi"}], seed=3,
+            response_format={"type": "json_object"})
+
+    r = via_router(fake, use)
+    assert r.model == "gpt" and r.choices[0].message.content == REPLY
+    [req] = fake.requests()  # claude's adapter refused it before sending anything
+    assert req["path"] == "/v1/chat/completions" and req["body"]["seed"] == 3
+    assert req["body"]["response_format"] == {"type": "json_object"}

@@ -7,7 +7,8 @@ ledger.db
   `served_by`: the model that really answered, which differs from `model` after a
   fallback), the tokens (NULL where the answer did not say, e.g. a call that failed
   before any), the `cost` in the configured currency, time to first token and duration,
-  and the HTTP `status` with its `error`. `at` is when the call started (unix time):
+  and the HTTP `status` with its `error`; `user`, the request's OpenAI `user` field as
+  the client sent it (NULL when it sent none; 0002). `at` is when the call started (unix time):
   usage reports and budgets select on it, alone or per principal, hence the two indexes.
 
 keys.db
@@ -48,6 +49,9 @@ CREATE TABLE calls (
 CREATE INDEX calls_at ON calls (at);
 CREATE INDEX calls_principal_at ON calls (principal, at);
 """),
+    Migration("0002-calls-user", """
+ALTER TABLE calls ADD COLUMN user TEXT;
+"""),
 )
 
 KEY_MIGRATIONS = (
@@ -67,7 +71,7 @@ CREATE TABLE keys (
 # The columns of `calls` a CallRecord fills, in its field order (write.py checks they match).
 CALL_COLUMNS = ("request_id", "at", "principal", "principal_class", "model", "provider", "served_by", "kind",
                 "prompt_tokens", "completion_tokens", "cached_tokens", "cost", "ttft_s", "duration_s", "status",
-                "error")
+                "error", "user")
 
 
 def open_ledger(path: Path | str, *, readonly: bool = False) -> Database:

@@ -69,6 +69,7 @@ class CallRecord:
     duration_s: float
     status: int  # HTTP status
     error: str | None = None
+    user: str | None = None  # the request's `user` field, as the client sent it
 
 
 if tuple(f.name for f in dataclasses.fields(CallRecord)) != schema.CALL_COLUMNS:

@@ -52,15 +52,39 @@ def from_bus(exc: BusError, retry_after: int) -> APIError:
     return APIError(exc.code, exc.message, code, headers=headers)
 
 
+def _is_tag(part: object) -> bool:
+    """A step of a pydantic error location that names a member of a union (`str`,
+    `list[str]`, `NamedToolChoice`, `literal['auto']`), not a field."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or any(c in part for c in "[(") or part[:1].isupper())
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "bytes"})
+
+
+def param_path(loc: list[Any]) -> str | None:
+    """OpenAI's way of naming a parameter: messages[0].content[1].type."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
 def describe(errors: list[Any]) -> tuple[str, str | None]:
     first = errors[0] if errors else {}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    raw = [x for x in first.get("loc", ()) if x != "body"]
     if first.get("type") == "json_invalid":
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}", None
-    if not loc and first.get("type") in ("model_type", "model_attributes_type"):
+    if not raw and first.get("type") in ("model_type", "model_attributes_type"):
         return "request body must be a JSON object", None
-    param = ".".join(loc) or None
-    msg = first.get("msg", "invalid request")
+    if first.get("type") == "extra_forbidden" and raw:
+        # OpenAI's answer to an argument it does not know; the name itself is kept as sent.
+        param = param_path([x for x in raw[:-1] if not _is_tag(x)] + [str(raw[-1])])
+        return f"Unrecognized request argument supplied: {param}", param
+    param = param_path([x for x in raw if not _is_tag(x)])
+    msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     return (f"{param}: {msg}" if param else msg), param
 
 

@@ -23,10 +23,13 @@ log = logging.getLogger(__name__)
 
 
 class Meter:
-    def __init__(self, state: RouterState, who: Principal, request_id: str, model: str, kind: str) -> None:
+    def __init__(self, state: RouterState, who: Principal, request_id: str, model: str, kind: str,
+                 user: str | None = None, client_request_id: str | None = None) -> None:
         self.state = state
         self.who = who
         self.request_id = request_id
+        self.user = user  # the request's `user`, as the client sent it
+        self.client_request_id = client_request_id  # the client's X-Request-Id, if it sent one
         self.model = model
         self.kind = kind
         self.at = time.time()
@@ -43,6 +46,13 @@ class Meter:
         self.served_by = model
         self.provider = "local"
         self.done = False
+
+    @property
+    def label(self) -> str:
+        """The request in log lines: our id, and the client's when it sent one."""
+        if self.client_request_id is None:
+            return self.request_id
+        return f"{self.request_id} (x-request-id {self.client_request_id})"
 
     def serving(self, model: str, provider: str) -> None:
         self.served_by = model
@@ -95,9 +105,9 @@ class Meter:
             request_id=self.request_id, at=self.at, principal=self.who.name, principal_class=cls, model=self.model,
             provider=self.provider, served_by=self.served_by, kind=self.kind, prompt_tokens=prompt,
             completion_tokens=completion, cached_tokens=cached, cost=cost, ttft_s=ttft, duration_s=duration,
-            status=status, error=error))
+            status=status, error=error, user=self.user))
         if status >= 500:
-            log.warning("request %s of %s (%s) on %s failed with %d after %.2f s: %s", self.request_id, self.who.name,
+            log.warning("request %s of %s (%s) on %s failed with %d after %.2f s: %s", self.label, self.who.name,
                         self.who.via, self.served_by, status, duration, error)
 
 

@@ -9,6 +9,7 @@ always sends on (a remote model gets its default_max_tokens when the request has
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,12 @@ def prompt_bytes(body: dict[str, Any]) -> tuple[int, int]:
     texts: list[str] = []
     if "messages" in body:
         texts += [str(m.get("content") or "") for m in body["messages"]]
+        # Earlier tool calls and the declared tools are rendered into the prompt too.
+        texts += [json.dumps(m["tool_calls"]) for m in body["messages"] if m.get("tool_calls")]
+    if body.get("tools"):
+        texts.append(json.dumps(body["tools"]))
+    if (body.get("response_format") or {}).get("schema") is not None:
+        texts.append(json.dumps(body["response_format"]["schema"]))
     if "prompt" in body:
         texts.append(str(body["prompt"]))
     if "input" in body:

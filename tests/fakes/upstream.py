@@ -9,10 +9,16 @@ prompt_tokens is the number of words in the prompt's text. It checks the key (Be
 or x-api-key) when --key is given. Control, for tests and benchmarks:
 
     POST /_control  {"fail": [500, 429, "garbage"], "delay_s": 0.5, "token_delay_s": 0.01,
-                     "words": 8, "cached": 2}
+                     "words": 8, "cached": 2, "tool_calls": [{"name": "f", "arguments": "{}"}]}
         the next requests get these statuses in order (429 with Retry-After: 0;
         "garbage" is a 200 whose body is not what the API says), delay_s before
-        answering, token_delay_s between streamed tokens, cached prompt tokens reported
+        answering, token_delay_s between streamed tokens, cached prompt tokens reported;
+        tool_calls: every reply calls these tools (after its words, which "words": 0
+        leaves out), streamed with each call's arguments in two pieces
+
+A request that asks for logprobs (chat: logprobs/top_logprobs; completions: logprobs N)
+gets them, in the endpoint's shape: token i has logprob -i/10 and N alternatives
+"alt0".. (logprob -1 - j).
     GET  /_requests -> [{"path", "body", "headers", "peer"}] of every API request received
         (peer: the client's port, which tells one connection from another)
     POST /_reset    forget the knobs and the requests
@@ -79,6 +85,7 @@ class Knobs:
     token_delay_s: float = 0.0
     words: int | None = None
     cached: int = 0
+    tool_calls: list[dict[str, str]] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
 
     def reset(self) -> None:
@@ -86,6 +93,7 @@ class Knobs:
         self.delay_s = self.token_delay_s = 0.0
         self.words = None
         self.cached = 0
+        self.tool_calls = []
         self.requests.clear()
 
 
@@ -155,11 +163,61 @@ def openai_check(body: dict[str, Any], chat: bool) -> None:
         raise Refused(400, "'messages' must be a non-empty array")
     if not chat and not isinstance(body.get("prompt"), (str, list)):
         raise Refused(400, "'prompt' is required")
+    # The shapes OpenAI checks, of the fields the router maps back to them.
+    for i, m in enumerate(body.get("messages") or []):
+        if m.get("content") is None and not (m.get("role") == "assistant" and m.get("tool_calls")):
+            raise Refused(400, f"messages[{i}].content: expected a string, got null")
+        for c in m.get("tool_calls") or []:
+            if c.get("type") != "function" or not isinstance((c.get("function") or {}).get("arguments"), str):
+                raise Refused(400, f"messages[{i}].tool_calls: expected function calls")
+        if m.get("role") == "tool" and not m.get("tool_call_id"):
+            raise Refused(400, f"messages[{i}]: tool messages need tool_call_id")
+    fmt = body.get("response_format")
+    if fmt is not None and not (fmt == {"type": "json_object"} or fmt.get("type") == "json_schema" and isinstance(
+            (fmt.get("json_schema") or {}).get("name"), str)):
+        raise Refused(400, "Invalid value for 'response_format'")
+    for i, t in enumerate(body.get("tools") or []):
+        if t.get("type") != "function" or not isinstance((t.get("function") or {}).get("name"), str):
+            raise Refused(400, f"Invalid value for 'tools[{i}]'")
+    choice = body.get("tool_choice")
+    if choice is not None and choice not in ("none", "auto", "required") and not (
+            isinstance(choice, dict) and choice.get("type") == "function"):
+        raise Refused(400, "Invalid value for 'tool_choice'")
+    if (choice is not None or "parallel_tool_calls" in body) and not body.get("tools"):
+        raise Refused(400, "tool_choice and parallel_tool_calls are only allowed when tools are specified")
+    if chat and body.get("top_logprobs") is not None and body.get("logprobs") is not True:
+        raise Refused(400, "logprobs must be set to true when top_logprobs is used")
+    if not chat and body.get("logprobs") is not None and not isinstance(body["logprobs"], int):
+        raise Refused(400, "logprobs: expected an integer")
+    if not all(isinstance(k, str) and k.isdigit() for k in body.get("logit_bias") or {}):
+        raise Refused(400, "Invalid key in 'logit_bias'")
 
 
 def openai_usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": min(cached, prompt)}}
+
+
+def logprob_entry(i: int, token: str, top: int) -> dict[str, Any]:
+    return {"token": token, "logprob": -i / 10, "bytes": list(token.encode()),
+            "top_logprobs": [{"token": f"alt{j}", "logprob": -1.0 - j, "bytes": list(f"alt{j}".encode())}
+                             for j in range(top)]}
+
+
+def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    return None if entries is None else {"content": entries, "refusal": None}
+
+
+def legacy_logprobs(entries: list[dict[str, Any]] | None, offset: int = 0) -> dict[str, Any] | None:
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
 
 
 def openai_answer(knobs: Knobs, body: dict[str, Any], chat: bool) -> Response:
@@ -172,39 +230,61 @@ def openai_answer(knobs: Knobs, body: dict[str, Any], chat: bool) -> Response:
     stop = body.get("stop")
     words, why = reply_words(knobs, body.get("max_tokens") or body.get("max_completion_tokens"),
                              [stop] if isinstance(stop, str) else list(stop or []))
-    finish = "length" if why == "length" else "stop"
+    calls: list[dict[str, Any]] = [{"id": f"call_{i}", "type": "function", "function": dict(c)}
+             for i, c in enumerate(knobs.tool_calls)] if chat else []
+    finish = "tool_calls" if calls else "length" if why == "length" else "stop"
     usage = openai_usage(prompt_tokens, len(words), knobs.cached)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     base = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": body["model"]}
+    top: int | None = (body.get("top_logprobs") or 0 if body.get("logprobs") else None) if chat else \
+        body.get("logprobs")
+    toks = tokens(words)
+    entries = None if top is None else [logprob_entry(i, t, top) for i, t in enumerate(toks)]
     if not body.get("stream"):
         text = " ".join(words)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
         if chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"] = {"role": "assistant", "content": text or None, "refusal": None,
+                                 **({"tool_calls": calls} if calls else {})}
+            choice["logprobs"] = chat_logprobs(entries)
         else:
             choice["text"] = text
+            choice["logprobs"] = legacy_logprobs(entries)
         return json_response({**base, "object": "chat.completion" if chat else "text_completion",
                               "choices": [choice], "usage": usage})
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     extra = {"usage": None} if include_usage else {}
+    offset = [0]
 
-    def chunk(content: str | None, finish_reason: str | None, role: bool = False) -> bytes:
+    def chunk(content: str | None, finish_reason: str | None, role: bool = False,
+              entry: dict[str, Any] | None = None, call: list[dict[str, Any]] | None = None) -> bytes:
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
                 ({"content": content} if content is not None else {})
-            c: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            if call:
+                delta["tool_calls"] = call
+            c: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                 "logprobs": chat_logprobs([entry]) if entry else None}
         else:
-            c = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish_reason}
+            c = {"index": 0, "text": content or "", "finish_reason": finish_reason,
+                 "logprobs": legacy_logprobs([entry], offset[0]) if entry else None}
+            offset[0] += len(content or "")
         return b"data: " + orjson.dumps({**base, "choices": [c], **extra}) + b"\n\n"
 
     async def chunks() -> AsyncIterator[bytes]:
         if chat:
             yield chunk(None, None, role=True)
-        for i, tok in enumerate(tokens(words)):
+        for i, tok in enumerate(toks):
             if i and knobs.token_delay_s:
                 await asyncio.sleep(knobs.token_delay_s)
-            yield chunk(tok, None)
+            yield chunk(tok, None, entry=entries[i] if entries else None)
+        for i, c in enumerate(calls):
+            args = c["function"]["arguments"]
+            half = len(args) // 2
+            yield chunk(None, None, call=[{"index": i, "id": c["id"], "type": "function",
+                                           "function": {"name": c["function"]["name"], "arguments": args[:half]}}])
+            yield chunk(None, None, call=[{"index": i, "function": {"arguments": args[half:]}}])
         yield chunk(None, finish)
         if include_usage:
             yield b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n"
@@ -234,11 +314,49 @@ def anthropic_check(body: dict[str, Any], version: str | None) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise Refused(400, "messages: at least one message is required")
+    uses: set[str] = set()
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise Refused(400, f"messages.{i}.role: Input should be 'user' or 'assistant'")
-        if not text_of(m.get("content")):
-            raise Refused(400, f"messages.{i}: text content blocks must be non-empty")
+        if i and m["role"] == messages[i - 1]["role"]:
+            raise Refused(400, f"messages.{i}: roles must alternate between 'user' and 'assistant'")
+        content = m.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list) or not content:
+            raise Refused(400, f"messages.{i}: content must be non-empty")
+        kinds = [b.get("type") for b in content]
+        for j, block in enumerate(content):
+            where = f"messages.{i}.content.{j}"
+            if block.get("type") == "text" and not block.get("text"):
+                raise Refused(400, f"{where}: text content blocks must be non-empty")
+            elif block.get("type") == "tool_use":
+                if m["role"] != "assistant" or not isinstance(block.get("input"), dict) or not block.get("id"):
+                    raise Refused(400, f"{where}: a tool_use block needs an id and an object input, from the assistant")
+                uses.add(block["id"])
+            elif block.get("type") == "tool_result":
+                if m["role"] != "user" or block.get("tool_use_id") not in uses:
+                    raise Refused(400, f"{where}: unexpected `tool_use_id` found in `tool_result` blocks")
+                if any(k != "tool_result" for k in kinds[:j]):
+                    raise Refused(400, f"{where}: tool_result blocks must come first")
+            elif block.get("type") not in ("text", "tool_use", "tool_result"):
+                raise Refused(400, f"{where}.type: unknown block type")
+        if (uses or "tool_result" in kinds) and not body.get("tools"):
+            raise Refused(400, "Requests which include `tool_use` or `tool_result` blocks must define tools.")
+    for i, t in enumerate(body.get("tools") or []):
+        if not isinstance(t.get("name"), str) or (t.get("input_schema") or {}).get("type") != "object" or \
+                set(t) - {"name", "description", "input_schema"}:
+            raise Refused(400, f"tools.{i}: Input should be a custom tool (name, description, input_schema)")
+    choice = body.get("tool_choice")
+    if choice is not None:
+        if choice.get("type") not in ("auto", "any", "tool", "none") or (choice["type"] == "tool") != ("name" in choice) \
+                or set(choice) - {"type", "name", "disable_parallel_tool_use"} \
+                or (choice["type"] == "none" and "disable_parallel_tool_use" in choice):
+            raise Refused(400, "tool_choice: Input tag does not match any of the expected tags")
+        if not body.get("tools"):
+            raise Refused(400, "tool_choice may only be specified while providing tools")
+    if set(body.get("metadata") or {}) - {"user_id"}:
+        raise Refused(400, "metadata: Extra inputs are not permitted")
     temperature = body.get("temperature")
     if temperature is not None and not 0.0 <= float(temperature) <= 1.0:
         raise Refused(400, "temperature: range: 0..1")
@@ -263,22 +381,41 @@ def anthropic_answer(knobs: Knobs, body: dict[str, Any], version: str | None) ->
              "cache_read_input_tokens": cached, "output_tokens": len(words)}
     message = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
                "model": body["model"], "stop_reason": None, "stop_sequence": None}
+    calls = [{"type": "tool_use", "id": f"toolu_{i}", "name": c["name"], "input": orjson.loads(c["arguments"])}
+             for i, c in enumerate(knobs.tool_calls)]
+    if calls:
+        stop_reason, stop_sequence = "tool_use", None
+    text = " ".join(words)
     if not body.get("stream"):
-        return json_response({**message, "content": [{"type": "text", "text": " ".join(words)}],
+        content = ([{"type": "text", "text": text}] if text else []) + calls
+        return json_response({**message, "content": content,
                               "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage})
 
     async def events() -> AsyncIterator[bytes]:
         yield event("message_start", {"type": "message_start", "message": {
             **message, "content": [], "usage": {**usage, "output_tokens": 1}}})
-        yield event("content_block_start", {"type": "content_block_start", "index": 0,
-                                            "content_block": {"type": "text", "text": ""}})
-        yield event("ping", {"type": "ping"})
-        for i, tok in enumerate(tokens(words)):
-            if i and knobs.token_delay_s:
-                await asyncio.sleep(knobs.token_delay_s)
-            yield event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                "delta": {"type": "text_delta", "text": tok}})
-        yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        index = 0
+        if words:
+            yield event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                "content_block": {"type": "text", "text": ""}})
+            yield event("ping", {"type": "ping"})
+            for i, tok in enumerate(tokens(words)):
+                if i and knobs.token_delay_s:
+                    await asyncio.sleep(knobs.token_delay_s)
+                yield event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                    "delta": {"type": "text_delta", "text": tok}})
+            yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            index = 1
+        for c in calls:
+            yield event("content_block_start", {"type": "content_block_start", "index": index, "content_block": {
+                "type": "tool_use", "id": c["id"], "name": c["name"], "input": {}}})
+            args = orjson.dumps(c["input"]).decode() if c["input"] else ""
+            half = len(args) // 2
+            for piece in (args[:half], args[half:]) if args else ():
+                yield event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                    "delta": {"type": "input_json_delta", "partial_json": piece}})
+            yield event("content_block_stop", {"type": "content_block_stop", "index": index})
+            index += 1
         yield event("message_delta", {"type": "message_delta",
                                       "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                                       "usage": {"output_tokens": len(words)}})
@@ -354,6 +491,8 @@ def create_app(key: str | None = None, words: int = 16) -> FastAPI:
             knobs.words = None if data["words"] is None else int(data["words"])
         if "cached" in data:
             knobs.cached = int(data["cached"])
+        if "tool_calls" in data:
+            knobs.tool_calls = list(data["tool_calls"])
         return json_response({"ok": True})
 
     @app.get("/_requests")

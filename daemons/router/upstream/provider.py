@@ -60,7 +60,7 @@ class Adapter(Protocol):
 
     def headers(self, api_key: str | None) -> dict[str, str]: ...
 
-    def whole(self, data: Any) -> tuple[str, Pair]: ...
+    def whole(self, data: Any) -> tuple[dict[str, Any], Pair]: ...
 
     def decoder(self) -> Decoder: ...
 
@@ -225,7 +225,7 @@ class Provider:
     # -- one call, retried ------------------------------------------------------------
 
     async def _send(self, path: str, content: bytes, stream: bool, end: float,
-                    budget: float) -> httpx.Response | tuple[str, Pair]:
+                    budget: float) -> httpx.Response | tuple[dict[str, Any], Pair]:
         retrying = AsyncRetrying(
             retry=retry_if_exception(_retried),
             wait=self._wait,
@@ -252,7 +252,8 @@ class Provider:
                     retry_state.attempt_number, exc.message if isinstance(exc, UpstreamError) else exc,
                     retry_state.upcoming_sleep)
 
-    async def _attempt(self, path: str, content: bytes, stream: bool, end: float) -> httpx.Response | tuple[str, Pair]:
+    async def _attempt(self, path: str, content: bytes, stream: bool,
+                       end: float) -> httpx.Response | tuple[dict[str, Any], Pair]:
         remaining = max(0.001, end - time.monotonic())
         timeout = httpx.Timeout(remaining, connect=min(self.spec.connect_timeout_s, remaining))
         request = self._client.build_request("POST", path, content=content, timeout=timeout)
@@ -314,7 +315,7 @@ class UpstreamCall:
 
     def __init__(self, provider: str, model: str, opened_at: float, end: float,
                  response: httpx.Response | None = None, decoder: Decoder | None = None,
-                 whole: tuple[str, Pair] | None = None) -> None:
+                 whole: tuple[dict[str, Any], Pair] | None = None) -> None:
         self.id = uuid.uuid4().hex
         self.provider = provider
         self.model = model
@@ -332,10 +333,10 @@ class UpstreamCall:
         if response is not None:
             self._lines = cast(AsyncGenerator[str, None], response.aiter_lines())
         if whole is not None:
-            text, final = whole
-            if text:
+            partial, final = whole  # the whole answer as one PARTIAL (text, logprobs, tool_calls)
+            if partial.get("text") or partial.get("tool_calls") or partial.get("logprobs"):
                 self.first_token_at = time.monotonic()
-                self._pending.append(("partial", {"text": text}))
+                self._pending.append(("partial", partial))
             self._pending.append(final)
 
     def __aiter__(self) -> UpstreamCall:
