@@ -71,8 +71,9 @@ def model() -> Iterator[Model]:
 
 
 @pytest.fixture()
-def engine(model: Model) -> Iterator[tuple[BatchEngine, Recorder]]:
-    mc = ModelConfig(path=MODEL_PATH, n_ctx=2048, kv_tokens=4096, threads=2, slots=8, cached_prefixes=0)
+def engine(model: Model, request: pytest.FixtureRequest) -> Iterator[tuple[BatchEngine, Recorder]]:
+    cached = getattr(request, "param", 0)  # cached prefixes: 0 turns prefix sharing off
+    mc = ModelConfig(path=MODEL_PATH, n_ctx=2048, kv_tokens=4096, threads=2, slots=8, cached_prefixes=cached)
     model.n_ctx = min(mc.n_ctx, mc.kv_tokens)
     rec = Recorder()
     e = BatchEngine(model, mc, rec, infer_main.make_context(model, mc, memory.rss_bytes()))
@@ -222,3 +223,19 @@ def test_logit_bias_bans_the_greedy_first_token(engine: tuple[BatchEngine, Recor
     e.submit(chat("b", "Say hello.", 4, logit_bias=[[first[0], -100]], logprobs=0))
     run(e, rec, ["b"])
     assert rec.logprobs("b")[0]["token"] != rec.logprobs("a")[0]["token"]
+
+
+@pytest.mark.parametrize("engine", [8], indirect=True)
+def test_n_choices_prefill_their_prompt_once(engine: tuple[BatchEngine, Recorder], model: Model) -> None:
+    """The router sends n > 1 as n calls with the same prompt at once (daemons/router/
+    choices.py): the engine shares the prompt's cells among them instead of computing
+    them n times."""
+    e, rec = engine
+    ids = [f"choice{i}" for i in range(4)]
+    for rid in ids:
+        e.submit(chat(rid, "Write a haiku about the sea.", 16))
+    run(e, rec, ids)
+    prompt = rec.finals[ids[0]]["usage"]["prompt_tokens"]
+    assert e.tokens_saved >= 3 * (prompt - 1), (e.tokens_saved, prompt)
+    assert sum(rec.finals[i]["usage"]["cached_tokens"] for i in ids) >= 3 * (prompt - 1)
+    assert len({rec.text(i) for i in ids}) == 1  # greedy: the same answer four times
