@@ -188,12 +188,8 @@ def test_n_choices(client: openai.OpenAI) -> None:
     assert resp.usage is not None and one.usage is not None
     assert resp.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
     assert 2 <= resp.usage.completion_tokens <= 12
-    # A seed makes each choice repeatable, and choice k samples with seed + k.
-    again = client.chat.completions.create(model="smollm2", messages=COUNT, max_tokens=6, temperature=0.8, seed=7,
-                                           n=2)
-    assert [c.message.content for c in again.choices] == [c.message.content for c in resp.choices]
-    alone = client.chat.completions.create(model="smollm2", messages=COUNT, max_tokens=6, temperature=0.8, seed=8)
-    assert alone.choices[0].message.content == resp.choices[1].message.content
+    # Choice k samples with seed + k (test_fan_out_bodies_seeds_and_usage); the text of a
+    # seeded choice is not compared across requests: a seed is best effort (README).
 
 
 def test_n_choices_streamed(client: openai.OpenAI) -> None:
