@@ -101,6 +101,16 @@ QUESTIONS = [f"I have a question about {t}-themed {item}." for t, item in zip(
              "locks", "fans", "pots", "seeds", "boxes", "clamps"])]
 
 
+def baseline_chat_format(model_path: Path) -> str | None:
+    """llama_cpp.server's --chat_format where its guess is wrong: for Gemma 3 GGUFs it
+    picks llama-2 (0.3.36), whose prompt makes the model answer a user-only chat with an
+    end token at once; onebox renders the GGUF's own template, which is gemma's."""
+    from daemons.gguf_header import read_header
+
+    arch = str(read_header(model_path).metadata.get("general.architecture", ""))
+    return "gemma" if arch.startswith("gemma") else None
+
+
 def ensure_bench_deps(baseline: bool) -> None:
     needed = ["sse_starlette", "starlette_context", "pydantic_settings", "openai"] if baseline else ["openai"]
     if all(importlib.util.find_spec(m) for m in needed):
@@ -201,7 +211,8 @@ class Onebox(Server):
 class Baseline(Server):
     name = "llama_cpp.server"
 
-    def __init__(self, directory: Path, threads: int, model_path: Path, model_name: str, flash_attn: bool) -> None:
+    def __init__(self, directory: Path, threads: int, model_path: Path, model_name: str, flash_attn: bool,
+                 chat_format: str | None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log = open(directory / "baseline.log", "ab")
@@ -209,7 +220,7 @@ class Baseline(Server):
             [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", model_name,
              "--n_ctx", str(N_CTX), "--n_threads", str(threads), "--n_threads_batch", str(threads),
              "--flash_attn", str(flash_attn), "--interrupt_requests", "False", "--host", "127.0.0.1",
-             "--port", str(self.port)],
+             "--port", str(self.port)] + (["--chat_format", chat_format] if chat_format else []),
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
         import httpx
@@ -573,6 +584,8 @@ def main() -> int:
     parser.add_argument("--name", default=NAME, help=f"its model name in onebox's config and requests (default {NAME})")
     parser.add_argument("--baseline-flash-attn", action="store_true",
                         help="run llama_cpp.server with --flash_attn True (its default is False)")
+    parser.add_argument("--baseline-chat-format", metavar="NAME",
+                        help="llama_cpp.server's --chat_format (default: its own guess, but gemma for a Gemma GGUF)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra [models] config key for onebox (TOML value), e.g. --set step_tokens=512")
     args = parser.parse_args()
@@ -609,7 +622,8 @@ def main() -> int:
             directory = Path(d) / which
             directory.mkdir()
             server: Server = Onebox(directory, args.threads, extra, args.model, args.name) if which == "onebox" \
-                else Baseline(directory, args.threads, model_path, args.name, args.baseline_flash_attn)
+                else Baseline(directory, args.threads, model_path, args.name, args.baseline_flash_attn,
+                              args.baseline_chat_format or baseline_chat_format(model_path))
             print(f"{server.name}: started (pid {server.pid})", flush=True)
             try:
                 run_load(server, args.name, [Req(user("Hello!"))])  # warm-up
