@@ -103,11 +103,14 @@ class ModelConfig:
         32, "Finished requests' KV kept as cached prefixes (LRU, evicted when cells are needed);\n"
             "a new request reuses its longest cached token prefix. 0 turns the cache off.", ge=0, le=128)
     cache_forget_tokens: int = setting(
-        8192, "A cached prefix not reused while this many tokens were decoded is dropped: every step's\n"
+        2048, "A cached prefix not reused while this many tokens were decoded is dropped: every step's\n"
               "attention runs over all cells up to the highest one in use (unused cached ones too),\n"
               "while a reuse saves the prefill of its tokens (0.1 to 0.25 us per cell per batch token\n"
               "against about 4 ms of prefill per token with the default model on 2 cores;\n"
-              "scripts/bench/step_cost.py). 0 keeps them until cells are needed.", ge=0)
+              "scripts/bench/step_cost.py). Counted in work, not time: at full load (~200 tokens/s\n"
+              "here) a prefix lives ~10 s unused, longer when the box is quieter. With 8192, 16 chats\n"
+              "after a few earlier bursts decoded at 0.78-0.84 of a bare loop's speed, 0.97 with 2048\n"
+              "(scripts/bench/throughput.py). 0 keeps them until cells are needed.", ge=0)
     memory_budget_mb: int = setting(
         0, "Model + KV cells + compute buffers + runtime must fit in this many MiB, or the daemon\n"
            "exits 78 at start with the numbers. 0 means 80% of this machine's RAM.", ge=0)
