@@ -70,7 +70,10 @@ def system_text(tools: list[dict[str, Any]], choice: str | dict[str, str]) -> st
 
 def generic_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]],
                      choice: str | dict[str, str]) -> list[dict[str, str]]:
-    """The conversation in the generic format: plain role/content messages any template takes."""
+    """The conversation in the generic format: plain role/content messages any template takes
+    (the messages themselves when there is nothing to render: no tools, no tool turns)."""
+    if not (tools and choice != "none") and not any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        return messages
     out: list[dict[str, str]] = []
     if tools and choice != "none":
         head = system_text(tools, choice)
