@@ -3,6 +3,7 @@ close(); usage reports with known numbers; API keys and their secret."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -83,6 +84,44 @@ def test_a_full_batch_is_written_at_once_a_partial_one_after_flush_s(tmp_path: P
     assert wait_for(lambda: quick.written == 3)  # the timer alone, no flush()
     quick.close()
     assert request_ids(tmp_path / "quick.db") == ["q0", "q1", "q2"]
+
+
+def test_an_awaited_row_is_committed_at_once_and_calls_ending_together_share_a_commit(tmp_path: Path) -> None:
+    # flush_s=60: only the awaiting callers wake the writer.
+    ledger = Ledger(tmp_path / "ledger.db", flush_s=60, batch=500)
+    ledger.open()
+
+    async def answer(i: int) -> bool:
+        return await ledger.committed(ledger.record(call(f"w{i}")), timeout=5)
+
+    async def all_of_them() -> list[bool]:
+        return await asyncio.gather(*(answer(i) for i in range(200)))
+
+    started = time.monotonic()
+    assert asyncio.run(all_of_them()) == [True] * 200
+    assert time.monotonic() - started < 5
+    assert ledger.written == 200 and ledger.batches < 200  # grouped, not one commit per call
+    # Committed means on disk for another connection, before close() writes anything.
+    assert sorted(request_ids(tmp_path / "ledger.db")) == sorted(f"w{i}" for i in range(200))
+    ledger.close()
+
+
+def test_a_failing_ledger_does_not_hold_answers_and_keeps_their_rows(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = Ledger(path, flush_s=0.05, batch=5, busy_timeout_ms=20)
+    ledger.open()
+    other = Database(path)
+    other.execute("BEGIN EXCLUSIVE")
+    first = asyncio.run(ledger.committed(ledger.record(call("f0")), timeout=10))
+    assert first is False  # told when the commit failed, not after the timeout
+    started = time.monotonic()
+    assert asyncio.run(ledger.committed(ledger.record(call("f1")), timeout=10)) is False
+    assert time.monotonic() - started < 0.5  # failing: no wait at all
+    other.execute("COMMIT")
+    other.close()
+    assert ledger.flush(timeout=5)
+    ledger.close()
+    assert request_ids(path) == ["f0", "f1"]
 
 
 def test_records_from_many_threads_land_exactly_once(tmp_path: Path) -> None:

@@ -7,11 +7,21 @@ ledger.db and commits the queue in batches, one transaction each — a commit co
 the same for one row as for five hundred, and one per call would put the fsync of a WAL
 checkpoint on every request.
 
+A call's row is committed before the client sees the end of its answer: the route
+awaits `committed(ticket)` after `record`, which wakes the writer at once instead of at
+the next flush. Calls ending together share one transaction (group commit), so under
+load a commit still carries many rows, and with the WAL at synchronous=NORMAL a commit
+is a write(2) to ledger.db-wal, no fsync: it survives the router being killed (`kill -9`,
+the OOM killer), not a power cut. The wait is bounded (`ACK_TIMEOUT_S`) and skipped
+while the ledger is failing, so a slow or full disk delays no answer for long; such a
+row stays queued in memory and is written when the disk is back.
+
 Rows leave the queue only once their transaction committed: a batch that fails (disk
 full, the database locked beyond the busy timeout) stays queued and is tried again at
 the next flush, with one error logged per distinct cause. `close` writes everything
 still queued before the thread stops, so a clean stop loses nothing; what a crash loses
-is at most the last `flush_s` of calls.
+is at most the rows of calls whose answers had not ended, and, while the disk is
+failing, the rows kept in memory meanwhile.
 
 A row the database can never take (a value of a type SQLite cannot hold, a NULL in a
 NOT NULL column) is a bug in the caller, not an outage: retrying would wedge every row
@@ -20,6 +30,7 @@ behind it forever, so it alone is skipped, with an error naming its request id.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import itertools
@@ -41,6 +52,9 @@ log = logging.getLogger(__name__)
 # Past this many queued rows something has been wrong for a long time; they are kept all
 # the same (about 300 bytes each: a million is a few hundred MB, not a crash).
 PENDING_ALARM = 1_000_000
+# How long an answer waits for its row's commit before it goes out all the same: a commit
+# takes well under a millisecond; longer means a disk in trouble (the row stays queued).
+ACK_TIMEOUT_S = 1.0
 
 _INSERT = (f"INSERT INTO calls ({', '.join(schema.CALL_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in schema.CALL_COLUMNS)})")
@@ -106,6 +120,8 @@ class Ledger:
         self._stopping = False
         self._closed = False
         self._thread: threading.Thread | None = None
+        # (ticket, loop, future) of callers awaiting `committed`, resolved by the writer.
+        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[bool]]] = []
 
     # ---- the router's side -----------------------------------------------------------
 
@@ -120,13 +136,15 @@ class Ledger:
         self._thread.start()
         log.info("ledger: writing %s (every %.2gs or %d calls)", self.path, self.flush_s, self.batch)
 
-    def record(self, rec: CallRecord) -> None:
-        """Queue one call. Never blocks on the disk: safe on the asyncio loop."""
+    def record(self, rec: CallRecord) -> int:
+        """Queue one call; returns its ticket for `committed`. Never blocks on the disk:
+        safe on the asyncio loop."""
         with self._lock:
             closed = self._closed
             if not closed:
                 self._pending.append(rec)
                 self._recorded += 1
+            ticket = self._recorded
             n = len(self._pending)
             wake = n >= self.batch and not self._failing and not closed
             alarm = n > PENDING_ALARM and not self._alarmed
@@ -136,11 +154,29 @@ class Ledger:
         if closed:
             # A call that ended after the router closed its ledger: say so, never silently.
             log.error("ledger: closed, call %s (%s, cost %s) is not recorded", rec.request_id, rec.principal, rec.cost)
-            return
+            return ticket
         if alarm:
             log.error("ledger: %d calls wait to be written to %s (kept in memory; see the errors above)", n, self.path)
         if wake:
             self._wake.set()
+        return ticket
+
+    async def committed(self, ticket: int, timeout: float = ACK_TIMEOUT_S) -> bool:
+        """Wait until the row of `ticket` (and every row before it) is committed; False at
+        once while the ledger is failing or not running, or after `timeout`."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._done >= ticket:
+                return True
+            if self._failing or self._closed or self._thread is None:
+                return False
+            future: asyncio.Future[bool] = loop.create_future()
+            self._waiters.append((ticket, loop, future))
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return False
 
     def pending(self) -> int:
         with self._lock:
@@ -240,6 +276,21 @@ class Ledger:
                 if len(self._pending) <= PENDING_ALARM:
                     self._alarmed = False
                 self._changed.notify_all()
+                due = self._take_waiters(lambda t: t <= self._done)
+            _resolve(due, True)
+
+    def _take_waiters(self, due: Callable[[int], bool],
+                      ) -> dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]]:
+        """The waiters whose ticket is `due`, by loop, off the list (under the lock)."""
+        taken: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]] = {}
+        keep = []
+        for waiter in self._waiters:
+            if due(waiter[0]):
+                taken.setdefault(waiter[1], []).append(waiter[2])
+            else:
+                keep.append(waiter)
+        self._waiters = keep
+        return taken
 
     def _write(self, db: Database, take: list[CallRecord]) -> int:
         """One transaction for the batch; returns how many rows were skipped as bad."""
@@ -261,6 +312,21 @@ class Ledger:
             first = cause not in self._seen_errors
             self._seen_errors.add(cause)
             waiting = len(self._pending)
+            due = self._take_waiters(lambda t: True)
+        _resolve(due, False)  # their answers go out now; the rows stay queued
         if first:
             log.error("ledger: cannot write %s (%s): %d calls kept, retried every %.2gs", self.path, cause,
                       waiting, self.flush_s)
+
+
+def _resolve(due: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]], result: bool) -> None:
+    """Wake the awaiting callers, one hop onto each event loop (not one per call)."""
+    for loop, futures in due.items():
+        with contextlib.suppress(RuntimeError):  # a loop that has closed meanwhile
+            loop.call_soon_threadsafe(_settle, futures, result)
+
+
+def _settle(futures: list[asyncio.Future[bool]], result: bool) -> None:
+    for future in futures:
+        if not future.done():  # not already given up on (timeout, cancel)
+            future.set_result(result)

@@ -46,6 +46,7 @@ class Meter:
         self.served_by = model
         self.provider = "local"
         self.done = False
+        self.ticket = 0  # the ledger's, once finished
 
     @property
     def label(self) -> str:
@@ -101,7 +102,7 @@ class Meter:
             m.tokens.labels(self.served_by, "completion").inc(completion)
         if cost:
             m.spend.labels(self.served_by, cls, self.provider).inc(cost)
-        self.state.ledger.record(CallRecord(
+        self.ticket = self.state.ledger.record(CallRecord(
             request_id=self.request_id, at=self.at, principal=self.who.name, principal_class=cls, model=self.model,
             provider=self.provider, served_by=self.served_by, kind=self.kind, prompt_tokens=prompt,
             completion_tokens=completion, cached_tokens=cached, cost=cost, ttft_s=ttft, duration_s=duration,
@@ -109,6 +110,14 @@ class Meter:
         if status >= 500:
             log.warning("request %s of %s (%s) on %s failed with %d after %.2f s: %s", self.label, self.who.name,
                         self.who.via, self.served_by, status, duration, error)
+
+
+    async def recorded(self) -> None:
+        """Until the ledger row is committed (bounded: see Ledger.committed), so a client
+        that saw the end of its answer is in the ledger even if the router dies next."""
+        if self.done and not await self.state.ledger.committed(self.ticket):
+            log.debug("request %s: answered before its ledger row was committed (the row stays queued)",
+                      self.label)
 
 
 def admit(state: RouterState, meter: Meter, cost: float, tokens: int) -> Grant:

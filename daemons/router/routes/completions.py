@@ -157,6 +157,7 @@ async def generate(state: RouterState, req: Sampling, body: dict[str, Any], requ
         replies = await unless_gone(whole(opened, meter), gone)
         usage = choices.usage([r.final for r in replies], req.n)
         meter.finish(200, usage)
+        await meter.recorded()
         return JSONResponse(shape.whole(replies, usage), headers=headers)
     except BaseException as exc:
         meter.finish(*failure(exc))
@@ -206,6 +207,8 @@ async def stream(state: RouterState, opened: list[Opened], shape: Shape, include
         status, usage, error = 200, choices.usage(finals, n), None
         if include_usage:
             yield sse(shape.usage_chunk(usage))
+        meter.finish(status, usage, error)
+        await meter.recorded()
         yield sse("[DONE]")
     except BusError as exc:
         err = errors.from_bus(exc, state.config.router.retry_after_s)

@@ -88,6 +88,7 @@ async def embeddings(request: Request, who: Caller = Depends(caller),
             raise APIError(502, f"the embedding daemon's reply is malformed ({type(exc).__name__}: {exc})",
                            "bad_gateway") from None
         meter.finish(200, {"prompt_tokens": tokens})
+        await meter.recorded()
     except BaseException as exc:
         meter.finish(*failure(exc))
         raise
