@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qsl, urlsplit
 
 from daemons.config.schema import setting
+
+# Query parameters that carry a credential (Gemini's ?key=, Azure's ?api-key=, tokens).
+_SECRET_PARAM = re.compile(r"(api[-_]?)?key|.*token|secret|password|sig|signature", re.IGNORECASE)
+# Environment variables other tools read keys from; onebox never does.
+_KEY_VARIABLE = re.compile(r".*_API_(KEY|TOKEN)$")
+NO_KEYS_HERE = "put the key in a credential file ([providers.NAME] key_file, or /etc/onebox/credentials/NAME)"
 
 
 def _url(value: str) -> str | None:
     if not value.startswith(("http://", "https://")):
         return f"expected an http:// or https:// URL, got {value!r}"
+    # The URL is logged at start and shown in errors: a key in it would be too. The
+    # messages below never repeat the URL, since it holds a secret.
+    parts = urlsplit(value)
+    if parts.username is not None or parts.password is not None:
+        return f"must not hold credentials (user:password@): {NO_KEYS_HERE}"
+    if any(_SECRET_PARAM.fullmatch(name) for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        return f"must not carry a key in its query string: {NO_KEYS_HERE}"
     return None
+
+
+def keys_in_environment(env: Mapping[str, str]) -> list[str]:
+    """The names of variables in `env` that look like API keys (OPENAI_API_KEY, ...):
+    never read, so a daemon warns about them rather than seeming to use them."""
+    return sorted(name for name in env if _KEY_VARIABLE.fullmatch(name.upper()))
 
 
 @dataclass(frozen=True)

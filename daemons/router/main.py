@@ -18,6 +18,7 @@ from daemons import config as config_mod
 from daemons import registry, service
 from daemons.bus.broker import Broker
 from daemons.config import Config
+from daemons.config.providers import NO_KEYS_HERE, keys_in_environment
 from daemons.router.app import create_app
 from daemons.router.peer import PeerHTTPProtocol
 from daemons.router.state import CredentialError, RouterState
@@ -139,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     config = service.load_config_or_exit(args.config, registry.ROUTER.sections)
     service.setup_logging(config.log.level, "router")
     log.debug("effective config: %s", config_mod.as_dict(config))
+    for name in keys_in_environment(os.environ):  # the name only: its value is a secret
+        log.warning("%s is set in the router's environment and is ignored: onebox never reads API keys from "
+                    "the environment; %s", name, NO_KEYS_HERE)
     # Record signals first: uvicorn captures them during serve() and re-raises them
     # into this handler afterwards, which must not kill the process.
     service.Signals().install()
