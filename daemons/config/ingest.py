@@ -36,6 +36,16 @@ class IngestConfig:
         2.0, "A file is read once it is complete: closed after writing (inotify), or with size and\n"
              "modification time unchanged for this long (polling, and files found at start).", ge=0)
     max_file_bytes: int = setting(200 * MIB, "Larger files are quarantined.", ge=1024)
+    max_docx_xml_bytes: int = setting(
+        32 * MIB, "A .docx whose XML (its text, styles and so on) unzips to more is quarantined: the parser\n"
+                  "holds a tree 20-40 times the XML's size in memory (the unit's MemoryMax is 2G).", ge=MIB)
+    max_zip_ratio: int = setting(
+        100, "A .docx part (over 1 MiB) that unzips to more than this many times its zipped size is a\n"
+             "zip bomb and is quarantined; Word's XML compresses 5-20 times.", ge=10)
+    min_free_mb: int = setting(
+        256, "Ingestion pauses while the state disk has less free space than this (index.db and the\n"
+             "markdown cache live there), says so in its status, and resumes by itself; files wait queued.",
+        ge=0)
     max_attempts: int = setting(5, "Failures (OCR or embedding unavailable, a crash mid-file) before a file is\n"
                                    "quarantined; a file that can never work (corrupt, unsupported) is quarantined at once.",
                                 ge=1, le=100)

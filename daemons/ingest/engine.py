@@ -86,6 +86,8 @@ class IngestEngine:
     def _delete(self, file_id: Any) -> dict[str, Any]:
         if not isinstance(file_id, int) or isinstance(file_id, bool):
             raise RequestError('"id" must be a document id (an integer)', 400)
+        if not 0 < file_id < 2**63:  # past SQLite's 64-bit integers no row can have it
+            raise RequestError(f"no document {file_id}", 404)
         with self.queue.lock:
             path = self.queue.db.value("SELECT path FROM files WHERE id = ?", (file_id,))
         if path is None:
@@ -122,12 +124,13 @@ class IngestEngine:
 
     def status(self) -> str:
         c = self._counts()
-        return (f"{c['indexed']} indexed, {c['queued']} queued, {c['processing']} in progress, "
+        paused = f"paused: {self.pipeline.paused}; " if self.pipeline.paused else ""
+        return (f"{paused}{c['indexed']} indexed, {c['queued']} queued, {c['processing']} in progress, "
                 f"{c['quarantined']} quarantined")
 
     def status_map(self) -> dict[str, Any]:
         p = self.pipeline.status_map()
         return {"files": self._counts(), "pending": self.watcher.pending, "watch": self.watcher.methods,
-                **{k: p[k] for k in ("indexed", "chunks", "quarantined", "files_per_min", "embed_queue",
+                **{k: p[k] for k in ("paused", "indexed", "chunks", "quarantined", "files_per_min", "embed_queue",
                                      "store_queue")}}
 

@@ -17,7 +17,6 @@ with backoff, quarantined after max_attempts (daemons/ingest/queue.py).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue as queue_mod
@@ -27,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -39,7 +38,9 @@ from daemons.ingest import chunk as chunking
 from daemons.ingest import parse
 from daemons.ingest.cache import MarkdownCache
 from daemons.ingest.gate import InferenceGate
+from daemons.ingest.inbox import open_inside, sha256_limited
 from daemons.ingest.queue import LANES, Job, JobQueue
+from daemons.ingest.space import Space, is_full
 from daemons.ingest.tokens import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -77,25 +78,27 @@ class Counters:
     recent: deque[float] = field(default_factory=deque)  # when recent files were indexed
 
 
-def lane_of(path: Path) -> str:
-    """Which lane a file goes to, from its name and first bytes."""
+def lane_of(path: Path, folder: Path) -> str:
+    """Which lane a file goes to, from its name and first bytes (a link out of the inbox,
+    or a named pipe, is not read: the text lane quarantines it)."""
     try:
-        with open(path, "rb") as f:
+        with open_inside(path, folder) as f:
             head = f.read(parse.HEAD_BYTES)
-    except OSError:
+    except (OSError, parse.ParseError):
         head = b""
     return "ocr" if parse.kind_of(path, head) in OCR_LANE_KINDS else "text"
 
 
-def sha256_of(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 class Pipeline:
     def __init__(self, settings: IngestConfig, queue: JobQueue, writer: IndexWriter, bus: BusClient,
-                 embed_service: str, tokenizer: Tokenizer, cache: MarkdownCache, ocr_enabled: bool) -> None:
+                 embed_service: str, tokenizer: Tokenizer, cache: MarkdownCache, ocr_enabled: bool,
+                 folders: dict[str, Path], space: Space | None = None) -> None:
         self.s = settings
+        self.space = space or Space(cache.root.parent, settings.min_free_mb * 1024 * 1024)
+        self.paused: str | None = None  # why ingestion waits (the state disk is full), if it does
+        self._deferred: list[Job] = []  # jobs a full disk kept from being queued again
+        self.folders = {name: folder.resolve() for name, folder in folders.items()}  # files never leave these
+        self.docx_limits = parse.DocxLimits(settings.max_docx_xml_bytes, settings.max_zip_ratio)
         self.queue = queue
         self.writer = writer
         self.lock = queue.lock
@@ -147,7 +150,14 @@ class Pipeline:
     # ---- file events (from the watcher's thread) -----------------------------------
 
     def file_ready(self, path: str, collection: str, st: os.stat_result) -> None:
-        if self.queue.seen(path, collection, lane_of(Path(path)), st.st_size, st.st_mtime_ns):
+        lane = lane_of(Path(path), self.folders[collection])
+        try:
+            queued = self.queue.seen(path, collection, lane, st.st_size, st.st_mtime_ns)
+        except Exception as exc:
+            if is_full(exc):
+                self.space.full_error()  # pauses the stages too; the watcher keeps the file for later
+            raise
+        if queued:
             log.info("queued %s (collection %s, %d bytes)", path, collection, st.st_size)
 
     def file_gone(self, path: str) -> None:
@@ -167,10 +177,16 @@ class Pipeline:
         wake = self.queue.wake[lane]
         me = threading.current_thread().name
         while not self._stop.is_set():
+            if self._hold():
+                self._stop.wait(WAIT_S)
+                continue
             try:
                 job = self.queue.claim(lane)
-            except Exception:
-                log.exception("cannot claim a job")
+            except Exception as exc:
+                if is_full(exc):
+                    self._disk_full(exc, None)
+                else:
+                    log.exception("cannot claim a job")
                 self._stop.wait(WAIT_S)
                 continue
             if job is None:
@@ -190,18 +206,25 @@ class Pipeline:
                 self.busy.pop(me, None)
 
     def _prepare(self, job: Job) -> Prepared | None:
-        started = time.monotonic()
-        path = Path(job.path)
+        folder = self.folders.get(job.collection)
+        if folder is None:
+            raise Permanent(f"collection {job.collection} is no longer configured")
         try:
-            before = path.stat()
+            f = open_inside(Path(job.path), folder)
         except FileNotFoundError:
             raise Stale("the file is gone") from None
+        with f:
+            return self._prepare_open(job, f)
+
+    def _prepare_open(self, job: Job, f: BinaryIO) -> Prepared | None:
+        started = time.monotonic()
+        path = Path(job.path)
+        before = os.fstat(f.fileno())
         if before.st_size > self.s.max_file_bytes:
-            raise Permanent(f"file is {before.st_size} bytes; the limit is {self.s.max_file_bytes} "
-                            "([ingest] max_file_bytes)")
+            raise Permanent(parse.too_big(before.st_size, self.s.max_file_bytes))
         if before.st_size == 0:
             raise Permanent("empty file")
-        sha = sha256_of(path)
+        sha = sha256_limited(f, self.s.max_file_bytes)
         self.queue.set_hash(job, sha)
         with self.lock:
             existing = self.writer.document_for(job.collection, sha)
@@ -213,16 +236,18 @@ class Pipeline:
                 return None
         cached = self.cache.get(sha)
         if cached is None:
-            with open(path, "rb") as f:
-                head = f.read(parse.HEAD_BYTES)
+            head = f.read(parse.HEAD_BYTES)
             kind = parse.kind_of(path, head)
             if kind is None:
                 raise parse.unsupported(path, head)
             if kind in OCR_LANE_KINDS:
-                parsed = self._ocr(job)
+                parsed = self._ocr(job)  # by name: the OCR daemon checks where it leads itself
             else:
-                parsed = parse.to_markdown(path, kind, self.s.max_file_bytes)
-            after = path.stat()
+                parsed = parse.to_markdown(path, kind, self.s.max_file_bytes, f, self.docx_limits)
+            try:
+                after = path.stat()
+            except FileNotFoundError:
+                raise Stale("the file went while it was read") from None
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
                 raise Stale("the file changed while it was read")
             cached = self.cache.put(sha, parsed.markdown, parsed.title, parsed.pages, kind)
@@ -239,11 +264,19 @@ class Pipeline:
         pages: list[str] = []
         final: dict[str, Any] = {}
         self.gate.wait(self._stop)
-        for kind, data in self.bus.call("ocr", {"path": job.path}, timeout=self.s.call_timeout_s):
-            if kind == "partial":
-                pages.append(str(data.get("markdown", "")))
-            else:
-                final = data
+        call = self.bus.call("ocr", {"path": job.path}, timeout=self.s.call_timeout_s)
+        try:
+            for kind, data in call:
+                if kind == "partial":
+                    pages.append(str(data.get("markdown", "")))
+                    with self.lock:
+                        current = self.queue.current(job)
+                    if not current:  # deleted or changed meanwhile: the rest of a long scan is not read
+                        raise Stale(f"the file changed or went after {len(pages)} page(s) were read")
+                else:
+                    final = data
+        finally:
+            call.cancel()  # no effect once the FINAL came
         self.counters.ocr_pages += len(pages)
         markdown = "".join(pages)
         title = _first_line(markdown) or Path(job.path).stem
@@ -310,7 +343,48 @@ class Pipeline:
                 if self._stop.is_set():
                     raise Stale("stopping") from None
 
+    def _hold(self) -> bool:
+        """Whether to wait for space on the state disk (and say so once when it starts and ends)."""
+        why = self.space.low()
+        deferred: list[Job] = []
+        with self.lock:
+            was, self.paused = self.paused, why
+            if why is None and was is not None:
+                deferred, self._deferred = self._deferred, []
+        if why is not None:
+            if was is None:
+                log.error("ingestion paused: %s; queued files wait and nothing is lost. It resumes by itself "
+                          "once space is free.", why)
+            return True
+        if was is not None:
+            log.warning("ingestion resumed: %.0f MiB free on the state disk", self.space.free() / (1024 * 1024))
+            for job in deferred:
+                self._put_back(job)
+        return False
+
+    def _disk_full(self, exc: BaseException, job: Job | None) -> None:
+        self.space.full_error()
+        log.error("%s: no space left on the state disk (%s): ingestion pauses", job.path if job else "claim",
+                  exc)
+        if job is not None:
+            self._put_back(job)
+
+    def _put_back(self, job: Job) -> None:
+        try:
+            self.queue.put_back(job, "waited for space on the state disk")
+        except Exception as exc:  # noqa: BLE001 - the disk is still full: keep it for the resume
+            if not is_full(exc):
+                log.exception("%s: cannot queue it again (it is, at the next start)", job.path)
+                return
+            with self.lock:
+                self._deferred.append(job)
+            return
+        self.queue.wake[job.lane].set()
+
     def _failed(self, job: Job, exc: Exception) -> None:
+        if is_full(exc):
+            self._disk_full(exc, job)
+            return
         if isinstance(exc, Stale):
             if self._stop.is_set():
                 return  # left `processing`: redone at the next start
@@ -344,7 +418,7 @@ class Pipeline:
         c = self.counters
         return {"indexed": c.indexed, "duplicates": c.duplicates, "removed": c.removed, "retried": c.retried,
                 "quarantined": c.quarantined, "chunks": c.chunks, "ocr_pages": c.ocr_pages,
-                "files_per_min": len(c.recent), "yielded_s": round(self.gate.waited_s, 1), "embed_queue": self.embed_q.qsize(), "store_queue": self.store_q.qsize(),
+                "paused": self.paused, "files_per_min": len(c.recent), "yielded_s": round(self.gate.waited_s, 1), "embed_queue": self.embed_q.qsize(), "store_queue": self.store_q.qsize(),
                 "busy": dict(self.busy)}
 
 

@@ -12,12 +12,23 @@ A file is complete, and handed on, only once it has stopped changing:
 A file still open by a writer is never read, however long the writer pauses. Files
 being written under a temporary name (".name", "*.part", "*.tmp", "*.crdownload", "~$*")
 are ignored until renamed.
+
+inotify's kernel queue holds 16,384 events by default; a burst bigger than the daemon
+reads in time (thousands of files copied at once) overflows it and the events are lost.
+watchdog then rebuilds its watches but replays nothing, and says so only in a log line:
+the watcher listens for that line and lists every folder again, so no file is missed.
+Open counts are unreliable after an overflow (a lost close), so a file open at that
+moment waits for at most OVERFLOW_OPEN_DRIFT_S of quiet instead of OPEN_DRIFT_S.
+
+Links are listed like files (a link to a folder too: watchdog does not follow it); the
+pipeline refuses those that lead out of the inbox (daemons/ingest/inbox.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -44,14 +55,18 @@ from watchdog.observers.polling import PollingObserver
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
+RETRY_S = 2.0  # a file that could not be queued (the state disk full) is tried again this often
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs", "lustre", "sshfs")
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download", ".swp", "~")
 # An open count that never comes back to zero (an event lost to an inotify overflow)
 # stops blocking a file whose size and mtime have not moved for this long.
 OPEN_DRIFT_S = 300.0
+OVERFLOW_OPEN_DRIFT_S = 30.0
+INOTIFY_LOGGER = "watchdog.observers.inotify_c"  # where watchdog reports an overflow
 
 Ready = Callable[[str, str, os.stat_result], None]  # path, collection, its stat
 Gone = Callable[[str], None]  # a file's path, or a folder's: every file under it is gone
+Known = Callable[[], dict[str, tuple[int | None, int | None]]]  # path -> size, mtime as last recorded
 
 
 def ignored(path: Path) -> bool:
@@ -75,6 +90,19 @@ def filesystem_type(path: Path) -> str:
         if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
             best, kind = point, parts[2]
     return kind
+
+
+def stat_entry(path: str | Path) -> os.stat_result:
+    """os.stat; for a link that leads nowhere (its target missing, or a loop of links) the
+    link's own lstat, so it is handed on like a file and refused with its reason rather
+    than waited on for ever. FileNotFoundError when the entry itself is gone."""
+    try:
+        return os.stat(path)
+    except OSError:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            return st
+        raise
 
 
 def needs_polling(path: Path) -> bool:
@@ -107,6 +135,8 @@ class Pending:
     changed_at: float = field(default_factory=time.monotonic)
     size: int = -1
     mtime_ns: int = -1
+    open_drift_s: float = OPEN_DRIFT_S  # an open count older than this much quiet is not trusted
+    retry_at: float = 0.0  # after queueing it failed (e.g. the state disk full): not before this
 
 
 class Watcher:
@@ -114,7 +144,7 @@ class Watcher:
     `gone(path)` when a file leaves an inbox, from its own thread."""
 
     def __init__(self, folders: dict[str, Path], ready: Ready, gone: Gone, *, mode: str = "auto",
-                 poll_interval_s: float = 5.0, settle_s: float = 2.0) -> None:
+                 poll_interval_s: float = 5.0, settle_s: float = 2.0, known: Known | None = None) -> None:
         self.folders = {name: folder.resolve() for name, folder in folders.items()}
         self.ready = ready
         self.gone = gone
@@ -122,11 +152,16 @@ class Watcher:
         self.poll_interval_s = poll_interval_s
         self.settle_s = settle_s
         self._pending: dict[str, Pending] = {}
+        self._unqueued: dict[str, str] = {}  # path -> why queueing it failed (logged once per cause)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._observers: list[BaseObserver] = []
         self._thread = threading.Thread(target=self._run, name="watch", daemon=True)
         self.methods: dict[str, str] = {}
+        self.known = known  # for the rescan after an overflow (none: every file is pending again)
+        self._overflowed = threading.Event()
+        self._overflow_hook = _OverflowHook(self._overflowed)
+        self.overflows = 0
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -134,6 +169,10 @@ class Watcher:
         """Watch every folder, then rescan them against `known` (path -> size, mtime as
         last recorded): new and changed files become pending, missing ones are gone."""
         handler = _Handler(self)
+        hooked = logging.getLogger(INOTIFY_LOGGER)
+        hooked.addHandler(self._overflow_hook)
+        if not hooked.isEnabledFor(logging.WARNING):
+            hooked.setLevel(logging.WARNING)  # else the line that tells of an overflow is never made
         for name, folder in self.folders.items():
             make_inbox(folder)
             polling = self.mode == "poll" or (self.mode == "auto" and needs_polling(folder))
@@ -149,6 +188,7 @@ class Watcher:
 
     def stop(self) -> None:
         self._stop.set()
+        logging.getLogger(INOTIFY_LOGGER).removeHandler(self._overflow_hook)
         for observer in self._observers:
             observer.stop()
         for observer in self._observers:
@@ -179,13 +219,15 @@ class Watcher:
         added = 0
         for name, folder in self.folders.items():
             for root, dirs, files in os.walk(folder):
+                # os.walk does not descend into a link to a folder; it is an entry of its own.
+                links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
-                for fname in files:
+                for fname in files + links:
                     path = Path(root) / fname
                     if ignored(path):
                         continue
                     try:
-                        st = path.stat()
+                        st = stat_entry(path)
                     except OSError:
                         continue
                     found.add(str(path))
@@ -260,19 +302,31 @@ class Watcher:
     def _run(self) -> None:
         while not self._stop.wait(TICK_S):
             try:
+                if self._overflowed.is_set():
+                    self._overflowed.clear()
+                    self._after_overflow()
                 self._settle()
             except Exception:  # a bug here must not stop the watching: logged, next tick
                 log.exception("watcher tick failed")
+
+    def _after_overflow(self) -> None:
+        self.overflows += 1
+        with self._lock:
+            for p in self._pending.values():
+                p.open_drift_s = min(p.open_drift_s, OVERFLOW_OPEN_DRIFT_S)
+        added, gone = self.rescan(self.known() if self.known is not None else {})
+        log.warning("inotify lost events (its queue overflowed): listed the inboxes again, %d file(s) to check, "
+                    "%d gone", added, gone)
 
     def _settle(self) -> None:
         now = time.monotonic()
         with self._lock:
             items = list(self._pending.items())
         for path, p in items:
-            if not p.modified:
-                continue  # open, not (yet) written
+            if not p.modified or now < p.retry_at:
+                continue  # open, not (yet) written; or queueing it failed a moment ago
             try:
-                st = os.stat(path)
+                st = stat_entry(path)
             except FileNotFoundError:
                 with self._lock:
                     self._pending.pop(path, None)
@@ -288,7 +342,7 @@ class Watcher:
                 if not p.closed_write:
                     continue
             quiet = now - p.changed_at
-            if p.opens > 0 and quiet < OPEN_DRIFT_S:
+            if p.opens > 0 and quiet < p.open_drift_s:
                 continue  # a writer still has it open
             if not p.closed_write and quiet < self.settle_s:
                 continue
@@ -296,12 +350,42 @@ class Watcher:
                 if self._pending.get(path) is not p:
                     continue
                 del self._pending[path]
-            self.ready(path, p.collection, st)
+            try:
+                self.ready(path, p.collection, st)
+            except Exception as exc:  # noqa: BLE001 - e.g. the state disk full: kept, tried next tick
+                cause = f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    # Back in, over an entry that only our own read of it made meanwhile.
+                    current = self._pending.get(path)
+                    if current is None or not current.modified:
+                        self._pending[path] = p
+                    p.retry_at = time.monotonic() + RETRY_S
+                    new_cause = self._unqueued.get(path) != cause
+                    self._unqueued[path] = cause
+                if new_cause:
+                    log.warning("%s: cannot queue it yet (%s); tried again until it can be", path, cause,
+                                exc_info=not isinstance(exc, OSError) and "full" not in cause)
+                continue
+            if self._unqueued:
+                with self._lock:
+                    self._unqueued.pop(path, None)
 
 
 def _changed_at(st: os.stat_result) -> float:
     """The file's mtime on the monotonic clock (how long ago it last changed)."""
     return time.monotonic() - max(0.0, time.time() - st.st_mtime_ns / 1e9)
+
+
+class _OverflowHook(logging.Handler):
+    """Hears watchdog's "Inotify queue overflowed" warning (its only report of one)."""
+
+    def __init__(self, flag: threading.Event) -> None:
+        super().__init__(logging.WARNING)
+        self.flag = flag
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.flag.set()
 
 
 class _Handler(FileSystemEventHandler):

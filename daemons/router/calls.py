@@ -1,5 +1,7 @@
 """Making a bus call on behalf of an HTTP request, and noticing when its client leaves.
 
+`Ids` are a call's ids: ours and the client's X-Request-Id.
+
 Nothing cancels a handler when its client goes away (only a streaming response
 listens for that, once it runs), so every stage — waiting for a worker, queued in the
 engine, generating a reply that is not streamed — watches the connection and gives
@@ -10,7 +12,10 @@ them into the OpenAI error (daemons/router/app.py) or a 499 nobody reads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import re
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -60,3 +65,25 @@ async def disconnected(request: Request) -> None:
 def watch(request: Request) -> asyncio.Future[None]:
     """A future that completes when the client goes away; cancel it when done."""
     return asyncio.ensure_future(disconnected(request))
+
+
+CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ids:
+    """A call's ids: ours (the bus call's, in the response's id) and the client's
+    X-Request-Id when it sent a usable one, which the response header then echoes."""
+
+    ours: str
+    theirs: str | None
+
+    @classmethod
+    def of(cls, request: Request) -> Ids:
+        theirs = request.headers.get("x-request-id")
+        ours = os.urandom(16).hex()  # as unique as uuid4, a fraction of its cost
+        return cls(ours, theirs if theirs is not None and CLIENT_ID.match(theirs) else None)
+
+    @property
+    def header(self) -> str:
+        return self.theirs or self.ours

@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
-import re
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
@@ -34,32 +32,11 @@ from daemons.router.meter import Meter, failure
 from daemons.router.schemas import ChatRequest, CompletionRequest, Sampling
 from daemons.router.shape import Reply, Shape, counts, sse
 from daemons.router.state import Caller, RouterState, caller, get_state
+from daemons.router.calls import Ids
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
-
-
-CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Ids:
-    """A call's ids: ours (the bus call's, in the response's id) and the client's
-    X-Request-Id when it sent a usable one, which the response header then echoes."""
-
-    ours: str
-    theirs: str | None
-
-    @classmethod
-    def of(cls, request: Request) -> Ids:
-        theirs = request.headers.get("x-request-id")
-        ours = os.urandom(16).hex()  # as unique as uuid4, a fraction of its cost
-        return cls(ours, theirs if theirs is not None and CLIENT_ID.match(theirs) else None)
-
-    @property
-    def header(self) -> str:
-        return self.theirs or self.ours
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ or base64 vectors out, in input order, with usage.prompt_tokens."""
 from __future__ import annotations
 
 import base64
-import os
 from typing import Any, Literal
 
 import numpy as np
@@ -16,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from daemons.bus.broker import Call
 from daemons.router.body import parse_body
-from daemons.router.calls import require_worker, unless_gone, watch
+from daemons.router.calls import Ids, require_worker, unless_gone, watch
 from daemons.router.errors import APIError
 from daemons.router import pricing
 from daemons.router.meter import Meter, admit, failure
@@ -70,8 +69,9 @@ async def embeddings(request: Request, who: Caller = Depends(caller),
     body: dict[str, Any] = {"input": req.input}
     if req.onebox and req.onebox.truncate is not None:
         body["truncate"] = req.onebox.truncate
-    request_id = os.urandom(16).hex()
-    meter = Meter(state, who.principal, request_id, req.model, "embedding")
+    ids = Ids.of(request)
+    request_id = ids.ours
+    meter = Meter(state, who.principal, request_id, req.model, "embedding", client_request_id=ids.theirs)
     most = input_tokens(req.input)
     meter.grant = admit(state, meter, pricing.price(state.config, req.model).cost(most, 0), most)
     gone = watch(request)
@@ -101,7 +101,7 @@ async def embeddings(request: Request, who: Caller = Depends(caller),
     payload = orjson.dumps({"object": "list", "data": data, "model": req.model,
                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
                            option=orjson.OPT_SERIALIZE_NUMPY)
-    return Response(payload, media_type="application/json")
+    return Response(payload, media_type="application/json", headers={"X-Request-Id": ids.header})
 
 
 def input_tokens(value: Input) -> int:
