@@ -11,8 +11,10 @@ per document (daemons/index/write.py).
 
 A failure is sorted into permanent (the file can never work: corrupt, unsupported,
 empty, too big, refused by OCR as such) -> quarantined at once with the reason, or
-transient (OCR or embedding daemon down or overloaded, a deadline, a bug) -> retried
-with backoff, quarantined after max_attempts (daemons/ingest/queue.py).
+transient (OCR or embedding daemon overloaded or lost mid-call, a deadline, a bug) ->
+retried with backoff, quarantined after max_attempts (daemons/ingest/queue.py). What is
+not the file's fault is waited out and never counted against it: a service with no
+worker at all (restarting), and a full state disk (daemons/ingest/space.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from daemons.bus.client import BusClient
-from daemons.bus.errors import BusError, RemoteError
+from daemons.bus.errors import BusError, NoWorker, RemoteError
 from daemons.config import IngestConfig
 from daemons.index.write import IndexWriter, NewChunk, NewDocument
 from daemons.ingest import chunk as chunking
@@ -384,6 +386,16 @@ class Pipeline:
     def _failed(self, job: Job, exc: Exception) -> None:
         if is_full(exc):
             self._disk_full(exc, job)
+            return
+        if isinstance(exc, NoWorker) and not self._stop.is_set():
+            # The OCR or embedding daemon is not there (restarting, not started yet): not the
+            # file's fault, so not counted against it; tried again after the first backoff.
+            log.warning("%s waits: %s; tried again in %.0f s", job.path, exc, self.s.backoff_s)
+            try:
+                self.queue.put_back(job, f"waiting: {exc}", self.s.backoff_s)
+                self.queue.wake[job.lane].set()
+            except Exception:
+                log.exception("%s: cannot queue it again (it is, at the next start)", job.path)
             return
         if isinstance(exc, Stale):
             if self._stop.is_set():

@@ -137,13 +137,14 @@ class JobQueue:
         self.wake[job.lane].set()
         return "retry"
 
-    def put_back(self, job: Job, reason: str) -> None:
-        """Queue a claimed job again without counting the attempt (the state disk was full:
-        not the file's fault)."""
+    def put_back(self, job: Job, reason: str, delay_s: float = 0.0) -> None:
+        """Queue a claimed job again without counting the attempt: what failed was not the
+        file's fault (the state disk full, a service missing while it restarts)."""
+        now = time.time()
         with self.lock, self.db.transaction():
             if self.current(job):
                 self.db.execute("UPDATE files SET state = 'queued', attempts = max(0, attempts - 1), reason = ?, "
-                                "next_at = 0, updated_at = ? WHERE id = ?", (reason, time.time(), job.id))
+                                "next_at = ?, updated_at = ? WHERE id = ?", (reason, now + delay_s, now, job.id))
 
     def counts(self) -> dict[str, int]:
         with self.lock:
