@@ -218,6 +218,9 @@ class Broker:
         self._calls[call.id] = call
         try:
             await self._send(worker.identity, p.REQUEST, {"id": call.id, "deadline": deadline, "body": body})
+        except p.ProtocolError as exc:  # a body the bus cannot carry is the caller's error
+            await call.close()
+            raise BusError(f"the request cannot be sent to {service}: {exc}", 400) from None
         except BaseException:
             await call.close()  # the HTTP request was cancelled mid-send: give the slot back
             raise

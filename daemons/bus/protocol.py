@@ -44,6 +44,7 @@ fields, oversized frames — raises ProtocolError; callers log it and drop the m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,7 +143,12 @@ def encode(command: bytes, header: dict[str, Any] | None = None, client: bool = 
     if client and command not in FROM_CLIENT | TO_CLIENT:
         raise ProtocolError(f"{NAMES.get(command, command)!r} is not a client command")
     _validate(command, header)
-    return [CLIENT if client else PROTOCOL, command, msgpack.packb(header, use_bin_type=True)]
+    try:
+        packed = msgpack.packb(header, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError) as exc:
+        # An integer past 64 bits (JSON sets no bound), a value msgpack has no type for.
+        raise ProtocolError(f"{NAMES.get(command, command)!r} header cannot be encoded: {exc}") from None
+    return [CLIENT if client else PROTOCOL, command, packed]
 
 
 def decode(frames: list[bytes], max_bytes: int = 4 * 1024 * 1024) -> Message:
@@ -197,5 +203,8 @@ def _validate(command: bytes, header: dict[str, Any]) -> None:
             raise ProtocolError("READY: capacity must be 1..65536")
         if not 10 <= header["heartbeat_ms"] <= 600_000:
             raise ProtocolError("READY: heartbeat_ms must be 10..600000")
+    if command in (REQUEST, CALL) and not math.isfinite(header["deadline"]):
+        # NaN compares false with every time: such a request would never expire.
+        raise ProtocolError(f"{NAMES[command]}: deadline must be a finite unix time")
     if command == ERROR and not 100 <= header["code"] <= 599:
         raise ProtocolError("ERROR: code must be 100..599")

@@ -14,7 +14,7 @@ from daemons import __version__
 from daemons.bus.broker import Broker
 from daemons.bus.errors import BusError
 from daemons.config import Config
-from daemons.router import errors
+from daemons.router import errors, openapi
 from daemons.router.body import BodyLimit
 from daemons.router.calls import ClientGone
 from daemons.router.index import Index
@@ -43,6 +43,7 @@ def create_app(config: Config, broker: Broker, registry: CollectorRegistry | Non
     app.state.onebox = RouterState(config, broker, Index(config.paths.state / "index.db"),
                                    registry or CollectorRegistry())
     errors.install(app)
+    openapi.install(app)  # the document as the routes really parse and answer
 
     @app.exception_handler(BusError)
     async def _bus(request: Request, exc: BusError) -> Response:

@@ -3,7 +3,8 @@ parsing into pydantic models whatever the Content-Type."""
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -91,6 +92,17 @@ def _replay(chunks: list[bytes], last: Message | None, receive: Receive) -> Rece
         return await receive()
 
     return replay
+
+
+def once_each(items: Iterable[tuple[str, Any]], where: str) -> dict[str, Any]:
+    """Query parameters or form fields as a dict, each name given once: of a repeated
+    one no value is more right than another (400 naming it)."""
+    out: dict[str, Any] = {}
+    for key, value in items:
+        if key in out:
+            raise APIError(400, f"{where} {key!r} given more than once", "invalid_request", key)
+        out[key] = value
+    return out
 
 
 def parse_body(model: type[M], raw: bytes) -> M:

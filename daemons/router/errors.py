@@ -38,8 +38,14 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+def error_type(status: int) -> str:
+    """OpenAI's error type for a status; any other 4xx (a worker's 409, 415 or 422) is
+    the client's request too, never a server error."""
+    return TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error")
+
+
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": TYPES.get(status, "server_error"), "param": param, "code": code}}
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
 
 
 def error_response(err: APIError) -> JSONResponse:

@@ -16,6 +16,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.config import JsonDict
 
 from daemons.router.errors import APIError
 
@@ -51,10 +52,27 @@ class StreamOptions(BaseModel):
         return value
 
 
+# What `ChatRequest.check` asks of the parts and messages that one field alone cannot
+# say, in the documented schema too (GET /openapi.json), so clients and fuzzers know it.
+PART_RULES: JsonDict = {"allOf": [
+    {"properties": {"type": {"enum": ["text", "refusal"]}}},
+    {"if": {"properties": {"type": {"const": "text"}}}, "then": {"required": ["text"], "properties": {
+        "text": {"type": "string"}}}},
+    {"if": {"properties": {"type": {"const": "refusal"}}}, "then": {"required": ["refusal"], "properties": {
+        "refusal": {"type": "string"}}}},
+]}
+MESSAGE_RULES: JsonDict = {"allOf": [
+    {"if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id"], "properties": {
+        "tool_call_id": {"type": "string"}}}},
+    {"if": {"properties": {"role": {"not": {"const": "assistant"}}}}, "then": {"properties": {
+        "tool_calls": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}}}},
+]}
+
+
 class ContentPart(BaseModel):
     """One part of a message's content; only text is read (`ChatRequest.check`)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=PART_RULES)
     type: str
     text: str | None = None
     refusal: str | None = None
@@ -79,7 +97,7 @@ class ToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = STRICT
+    model_config = ConfigDict(extra="forbid", json_schema_extra=MESSAGE_RULES)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = Field(default=None, max_length=256)
@@ -113,10 +131,20 @@ class ChatMessage(BaseModel):
         return out
 
 
+def _nullable(schema: dict[str, Any]) -> None:
+    """The documented schema says what `Sampling._nulls` does: an optional top-level
+    field may be null (its default); a required one may not (null is left out)."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        alternatives = prop.get("anyOf", [prop])
+        if name not in required and not any(a.get("type") == "null" for a in alternatives):
+            schema["properties"][name] = {"anyOf": [prop, {"type": "null"}]}
+
+
 class Sampling(BaseModel):
     """What both endpoints share."""
 
-    model_config = STRICT
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_nullable)
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -124,16 +152,20 @@ class Sampling(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
-    logit_bias: dict[str, float] | None = None
+    stop: str | list[str] | None = Field(default=None, json_schema_extra={"anyOf": [  # what _stop checks
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP}, {"type": "null"}]})
+    logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra={  # what _logit_bias checks
+        "propertyNames": {"pattern": _TOKEN_ID.pattern}, "maxProperties": MAX_LOGIT_BIAS,
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     user: str | None = Field(default=None, max_length=256)
     # OpenAI fields accepted with the one meaning onebox gives them.
-    store: bool | None = None
+    store: bool | None = Field(default=None, json_schema_extra={"enum": [False, None]})
     metadata: dict[str, str] | None = None
-    service_tier: str | None = None
+    service_tier: str | None = Field(default=None, json_schema_extra={"enum": ["auto", "default", None]})
     # onebox's extensions (EXTENSIONS).
     top_k: int = Field(default=0, ge=0, le=100_000)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -308,7 +340,8 @@ class ChatRequest(Sampling):
     parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    modalities: list[str] | None = None
+    modalities: list[str] | None = Field(default=None, json_schema_extra={"anyOf": [
+        {"type": "array", "items": {"const": "text"}, "minItems": 1, "maxItems": 1}, {"type": "null"}]})
     # onebox's extension: answer from the document index.
     rag: RagOptions | None = None
 
@@ -380,11 +413,12 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[Any]
+    prompt: str | list[Any] = Field(json_schema_extra={"anyOf": [  # what _prompts checks
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_PROMPTS}]})
     # OpenAI's documented default for /v1/completions.
     max_tokens: int | None = Field(default=16, ge=1, le=1_000_000)
     logprobs: int | None = Field(default=None, ge=0, le=5)  # the legacy form: how many alternatives
-    echo: bool | None = None
+    echo: bool | None = Field(default=None, json_schema_extra={"enum": [False, None]})
     best_of: int | None = None
     suffix: str | None = None
 

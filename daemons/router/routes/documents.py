@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as InPath
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException
 from daemons.bus.broker import Call
 from daemons.index.schema import STATES, file_counts
 from daemons.router import inbox
+from daemons.router.body import once_each
 from daemons.router.calls import require_worker, unless_gone, watch
 from daemons.router.errors import APIError
 from daemons.router.retrieve import check_collection
@@ -38,6 +40,9 @@ UPLOAD_PARAMS = ("filename", "collection")
 
 State = Annotated[RouterState, Depends(get_state)]
 Who = Annotated[Caller, Depends(caller)]
+# A files row id: SQLite's integers are 64-bit, and a larger one cannot even be asked for.
+MAX_ID = 2**63 - 1
+FileId = Annotated[int, InPath(ge=1, le=MAX_ID)]
 
 SELECT = (
     "SELECT f.id, f.path, f.collection, f.state, f.reason, f.attempts, f.size, f.sha256, f.queued_at, f.updated_at, "
@@ -92,7 +97,7 @@ def listing(db: Database, collection: str | None, status: str | None, limit: int
 @router.get("/v1/documents")
 async def list_documents(state: State, collection: str | None = None, status: str | None = None,
                          limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
-                         after: Annotated[int | None, Query(ge=0)] = None) -> dict[str, Any]:
+                         after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None) -> dict[str, Any]:
     """Ordered by id; the next page starts `after` the last id of this one."""
     check_collection(state, collection)
     if status is not None and status not in STATES:
@@ -103,14 +108,14 @@ async def list_documents(state: State, collection: str | None = None, status: st
 
 
 @router.get("/v1/documents/{file_id}")
-async def get_document(file_id: int, state: State) -> dict[str, Any]:
+async def get_document(file_id: FileId, state: State) -> dict[str, Any]:
     index = state.index
     row = await run_in_threadpool(lambda: find(index.db(), file_id))
     return document_object(row)
 
 
 @router.get("/v1/documents/{file_id}/content", response_model=None)
-async def document_content(file_id: int, state: State) -> Response:
+async def document_content(file_id: FileId, state: State) -> Response:
     """The markdown the document was indexed from (the ingestion daemon's cache)."""
     index = state.index
     row = await run_in_threadpool(lambda: find(index.db(), file_id))
@@ -126,7 +131,7 @@ async def document_content(file_id: int, state: State) -> Response:
 
 
 @router.delete("/v1/documents/{file_id}")
-async def delete_document(file_id: int, request: Request, who: Who, state: State) -> dict[str, Any]:
+async def delete_document(file_id: FileId, request: Request, who: Who, state: State) -> dict[str, Any]:
     """The ingestion daemon deletes the file from its inbox and its entries from the index
     (the router only reads index.db); its 404 or 409 comes back as this reply's status."""
     require_worker(state, SERVICE, "the ingestion daemon")
@@ -176,7 +181,7 @@ def upload_params(values: dict[str, str], where: str) -> dict[str, str]:
 async def upload(request: Request, who: Who, state: State) -> Response:
     """Multipart (field "file", optional "collection" field) or the raw body with
     ?filename=NAME; ?collection=NAME either way. 202: indexing happens later."""
-    query = upload_params(dict(request.query_params), "query parameter")
+    query = upload_params(once_each(request.query_params.multi_items(), "query parameter"), "query parameter")
     limit = state.config.ingest.max_file_bytes
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
@@ -200,7 +205,8 @@ async def save_multipart(request: Request, state: RouterState, query: dict[str, 
         if not isinstance(file, UploadFile):
             raise APIError(400, 'multipart upload: the document goes in a file field named "file"', "invalid_request",
                            "file")
-        fields = upload_params({k: v for k, v in form.items() if isinstance(v, str)}, "form field")
+        fields = upload_params(once_each([(k, v) for k, v in form.multi_items() if isinstance(v, str)], "form field"),
+                               "form field")
         collection, folder = upload_collection(state, fields.get("collection", query.get("collection")))
         name = inbox.plain_name(fields.get("filename", query.get("filename", file.filename)))
 

@@ -26,7 +26,7 @@ from starlette.datastructures import UploadFile
 from daemons.bus.broker import Call
 from daemons.bus.errors import BusError
 from daemons.router import errors
-from daemons.router.body import parse_body
+from daemons.router.body import once_each, parse_body
 from daemons.router.calls import require_worker, unless_gone, watch
 from daemons.router.errors import APIError
 from daemons.router.shape import sse
@@ -61,7 +61,11 @@ def uploads_dir(state: RouterState) -> Path:
 def inbox_path(state: RouterState, given: str) -> str:
     """A path a client names must be a file in the inbox (symlinks and .. resolved)."""
     inbox = (state.config.paths.state / "inbox").resolve()
-    real = Path(os.path.realpath(given))
+    try:
+        real = Path(os.path.realpath(given))
+    except ValueError:  # a NUL byte, or a lone surrogate no file name can hold
+        raise APIError(400, f"path {given!r} is not a file name this system can hold", "invalid_request",
+                       "path") from None
     if not Path(given).is_absolute() or (real != inbox and inbox not in real.parents):
         raise APIError(400, f"path must be an absolute path inside the inbox ({inbox}); upload other files instead",
                        "invalid_request", "path")
@@ -102,7 +106,7 @@ async def ocr(request: Request, who: Caller = Depends(caller), state: RouterStat
             upload, opts = await save_multipart(request, state)
             path = str(upload)
         elif kind.startswith(DOCUMENT_TYPES) or not kind:
-            opts = options_from(dict(request.query_params))
+            opts = options_from(once_each(request.query_params.multi_items(), "query parameter"))
             upload = await save_stream(request.stream(), state)
             path = str(upload)
         else:
@@ -144,7 +148,7 @@ async def save_multipart(request: Request, state: RouterState) -> tuple[Path, Oc
         if not isinstance(file, UploadFile):
             raise APIError(400, 'multipart upload: the document goes in a file field named "file"', "invalid_request",
                            "file")
-        opts = options_from({k: v for k, v in form.items() if isinstance(v, str)})
+        opts = options_from(once_each([(k, v) for k, v in form.multi_items() if isinstance(v, str)], "form field"))
 
         async def chunks() -> AsyncIterator[bytes]:
             while block := await file.read(CHUNK):
