@@ -338,7 +338,9 @@ def check_ledger(suite: Suite, outcomes: list[Outcome]) -> dict[str, Any]:
 
 @contextmanager
 def full_suite(root: Path) -> Iterator[Suite]:
-    suite = Suite(root, write_config(root, extra=config_text(root)))
+    # Liveness 1.5 s (production: 3 s): a SIGSTOP of a few seconds is well past it, and a
+    # busy 2-core box does not make a live daemon look dead, as the tests' usual 0.6 s can.
+    suite = Suite(root, write_config(root, extra=config_text(root), heartbeat=0.5))
     try:
         suite.start_router()
         suite.start_infer()

@@ -24,7 +24,7 @@ from tests.faults import drill
 def test_kill_and_stop_each_daemon_under_load() -> None:
     users = {"chat": 2, "stream": 2, "rag": 1, "embed": 1, "search": 1, "ocr": 1}
     with tempfile.TemporaryDirectory(prefix="onebox-") as d, drill.full_suite(Path(d)) as suite:
-        report = drill.run(suite, users, rounds=1, calm_s=3.0, stop_s=3.0)
+        report = drill.run(suite, users, rounds=1, calm_s=3.0, stop_s=4.0)
         print("\n".join(report.lines()))
         assert not report.stuck_users, report.stuck_users
         assert not report.hung, report.hung[:5]
