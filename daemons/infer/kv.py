@@ -116,9 +116,10 @@ class KvLedger:
         Returns the cells freed now."""
         if keep and self.cache_on and self.tree.length(seq):
             self.cached[seq] = decoded
+            freed = 0  # keeping it may push the least recently used prefix out
             while len(self.cached) > self.cached_max:
-                self.evict_one()
-            return 0
+                freed += self.evict_one()
+            return freed
         return self._drop(seq)
 
     def _drop(self, seq: int) -> int:

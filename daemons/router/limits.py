@@ -33,8 +33,13 @@ WINDOW_S = 60.0
 
 
 def micro(amount: float) -> int:
-    """An amount of money in millionths, rounded up (reservations never fall short)."""
-    return math.ceil(round(amount * MICRO, 6))
+    """An amount of money in millionths, rounded up (reservations never fall short).
+    A product within float noise of a whole millionth is that millionth: 0.1 + 0.2, or
+    8369.594085, whose product with 1e6 is 8369594085.000001 (rounding to a fixed six
+    decimals leaves noise that large, and it would be rounded up)."""
+    scaled = amount * MICRO
+    whole = round(scaled)
+    return whole if math.isclose(scaled, whole, rel_tol=1e-15, abs_tol=1e-6) else math.ceil(scaled)
 
 
 def period_bounds(period: str, now: float) -> tuple[float, float]:
