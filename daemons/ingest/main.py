@@ -80,9 +80,10 @@ def load(loading: serve.Loading) -> serve.Served:
     def engine(emitter: Emitter) -> serve.Engine:
         bus = BusClient(config.paths.bus_endpoint, config.bus)
         pipeline = Pipeline(settings, queue, writer, bus, embed_service, tokenizer,
-                            MarkdownCache(config.paths.state / "markdown"), config.ocr.enabled)
+                            MarkdownCache(config.paths.state / "markdown"), config.ocr.enabled,
+                            folders=config.collection_dirs())
         watcher = Watcher(config.collection_dirs(), pipeline.file_ready, pipeline.file_gone, mode=settings.watch,
-                          poll_interval_s=settings.poll_interval_s, settle_s=settings.settle_s)
+                          poll_interval_s=settings.poll_interval_s, settle_s=settings.settle_s, known=queue.known)
         return IngestEngine(emitter, queue, pipeline, watcher, index_path)
 
     service_name = registry.Instance(registry.INGEST).service or ""

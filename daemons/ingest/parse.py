@@ -11,12 +11,16 @@ message says why, for the quarantine.
 from __future__ import annotations
 
 import codecs
+import contextlib
+import os
 import re
+import struct
 import unicodedata
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import charset_normalizer
 import docx
@@ -30,6 +34,10 @@ MIB = 1024 * 1024
 DOCX_MAX_EXPANSION = 20  # times max_bytes, and never more than DOCX_MAX_INFLATED
 DOCX_MAX_INFLATED = 512 * MIB
 DOCX_MAX_MEMBERS = 10_000
+DOCX_MAX_XML = 32 * MIB  # [ingest] max_docx_xml_bytes
+DOCX_MAX_RATIO = 100  # [ingest] max_zip_ratio
+RATIO_FROM = MIB  # smaller parts may compress as well as they like
+OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # encrypted Office files, and old .doc
 
 TEXT_EXTS = {".txt": "text", ".text": "text", ".log": "text", ".csv": "text",
              ".md": "markdown", ".markdown": "markdown",
@@ -53,6 +61,14 @@ _DROP_TAGS = ("script", "style", "noscript", "template", "nav", "iframe", "objec
 class ParseError(Exception):
     """A file that can never be read here: its message (str(exc)) is the reason kept
     with the quarantined file."""
+
+
+@dataclass(frozen=True)
+class DocxLimits:
+    """What a .docx may unzip to ([ingest] max_docx_xml_bytes, max_zip_ratio)."""
+
+    max_xml_bytes: int = DOCX_MAX_XML
+    max_ratio: int = DOCX_MAX_RATIO
 
 
 @dataclass(frozen=True)
@@ -93,21 +109,24 @@ def unsupported(path: Path, head: bytes) -> ParseError:
     return ParseError(f"unsupported file type ({ext}, starts with {start!r})")
 
 
-def to_markdown(path: Path, kind: str, max_bytes: int) -> Parsed:
+def to_markdown(path: Path, kind: str, max_bytes: int, opened: BinaryIO | None = None,
+                docx_limits: DocxLimits = DocxLimits()) -> Parsed:
     """The file's text as markdown, for the kinds read here (READ_HERE); ParseError for a
-    file that cannot be read, ValueError for a kind that belongs to the OCR daemon."""
+    file that cannot be read, ValueError for a kind that belongs to the OCR daemon.
+    `opened`: the file already open (daemons/ingest/inbox.py checked that descriptor),
+    read instead of `path`, which then only names it."""
     if kind not in READ_HERE:
         raise ValueError(f"to_markdown reads {', '.join(READ_HERE)}, not {kind!r} (that is the OCR daemon's)")
-    size = path.stat().st_size
+    size = os.fstat(opened.fileno()).st_size if opened is not None else path.stat().st_size
     if size == 0:
         raise ParseError("empty file")
     if size > max_bytes:
-        raise ParseError(f"file is {_human(size)} ({size} bytes), over the limit of {_human(max_bytes)} "
-                         f"({max_bytes} bytes)")
+        raise ParseError(too_big(size, max_bytes))
     if kind == "docx":
-        parsed = _docx(path, max_bytes)
+        parsed = _docx(path, max_bytes, opened, docx_limits)
     else:
-        with path.open("rb") as f:
+        with contextlib.nullcontext(opened) if opened is not None else path.open("rb") as f:
+            f.seek(0)
             data = f.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise ParseError(f"file grew past the limit of {_human(max_bytes)} while being read")
@@ -203,6 +222,12 @@ def _tidy(markdown: str) -> str:
     return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip() + "\n"
 
 
+def too_big(size: int, max_bytes: int) -> str:
+    """The quarantine reason for a file over [ingest] max_file_bytes."""
+    return (f"file is {_human(size)} ({size} bytes), over the limit of {_human(max_bytes)} ({max_bytes} bytes): "
+            "max_file_bytes in [ingest]")
+
+
 def _human(n: int) -> str:
     for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
         if n >= size:
@@ -244,10 +269,17 @@ def _html(data: bytes, path: Path) -> Parsed:
 # --- .docx ------------------------------------------------------------------------
 
 
-def _docx(path: Path, max_bytes: int) -> Parsed:
-    _check_zip(path, max_bytes)
+def _docx(path: Path, max_bytes: int, opened: BinaryIO | None = None,
+          limits: DocxLimits = DocxLimits()) -> Parsed:
+    if opened is not None:
+        _check_zip(opened, max_bytes, limits)
+    else:
+        with path.open("rb") as f:
+            _check_zip(f, max_bytes, limits)
     try:
-        document = docx.Document(str(path))
+        if opened is not None:
+            opened.seek(0)
+        document = docx.Document(opened if opened is not None else str(path))
         lines, title = _docx_lines(document)
     # python-docx reads hostile XML and zip structures: whatever it raises means the
     # file is not a .docx it can read, which is a reason to quarantine, not to crash.
@@ -256,17 +288,24 @@ def _docx(path: Path, max_bytes: int) -> Parsed:
     return Parsed(_tidy("\n".join(lines)), title or path.stem, 1)
 
 
-def _check_zip(path: Path, max_bytes: int) -> None:
-    """Declared sizes bound what zipfile inflates (it stops at a member's declared size
-    and then fails its CRC check), so summing them stops a bomb before python-docx
-    opens any part."""
+def _check_zip(f: BinaryIO, max_bytes: int, limits: DocxLimits) -> None:
+    """Refuse a zip bomb before python-docx opens any part. python-docx reads every part
+    whole into memory (zipfile stops at a part's declared size, but inflates all of its
+    compressed bytes first) and builds an XML tree 20-40 times the size of the XML: so
+    the declared sizes are summed, a part that declares too high a compression ratio is
+    refused, and each compressed part is inflated here once, a bounded piece at a time,
+    to check that it holds what it declares and no more."""
     try:
-        with zipfile.ZipFile(path) as zf:
+        f.seek(0)
+        with zipfile.ZipFile(f) as zf:
             members = zf.infolist()
     except zipfile.BadZipFile as exc:
-        with path.open("rb") as f:
-            zipped = f.read(4) == b"PK\x03\x04"
-        if zipped:  # a zip's directory is at its end: a truncated copy has none
+        f.seek(0)
+        start = f.read(len(OLE_MAGIC))
+        if start == OLE_MAGIC:
+            raise ParseError("a password-protected (encrypted) Office document, or an old .doc: not a .docx "
+                             "that can be read") from None
+        if start[:4] == b"PK\x03\x04":  # a zip's directory is at its end: a truncated copy has none
             raise ParseError(f"corrupt .docx: truncated or damaged zip ({exc})") from None
         raise ParseError("not a .docx (not a zip file)") from None
     except (OSError, ValueError, EOFError) as exc:
@@ -277,6 +316,48 @@ def _check_zip(path: Path, max_bytes: int) -> None:
     limit = min(DOCX_MAX_EXPANSION * max_bytes, DOCX_MAX_INFLATED)
     if inflated > limit:
         raise ParseError(f"docx expands to {_human(inflated)}, over the limit of {_human(limit)} (zip bomb?)")
+    xml = sum(m.file_size for m in members if m.filename.endswith((".xml", ".rels")))
+    if xml > limits.max_xml_bytes:
+        raise ParseError(f"docx holds {_human(xml)} of XML, larger than max_docx_xml_bytes = {limits.max_xml_bytes} "
+                         f"({_human(limits.max_xml_bytes)}) in [ingest]")
+    for m in members:
+        if m.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ParseError(f"corrupt .docx: {m.filename} is compressed with method {m.compress_type}, which "
+                             "Word does not use")
+        if m.file_size > RATIO_FROM and m.file_size > limits.max_ratio * max(1, m.compress_size):
+            raise ParseError(f"docx part {m.filename} unzips to {m.file_size // max(1, m.compress_size):,} times "
+                             f"its size, over max_zip_ratio = {limits.max_ratio} in [ingest] (zip bomb?)")
+        if m.compress_type == zipfile.ZIP_DEFLATED:
+            _check_inflated(f, m)
+
+
+def _check_inflated(f: BinaryIO, m: zipfile.ZipInfo) -> None:
+    """ParseError unless the part's compressed bytes inflate to its declared size
+    exactly; never holds more than a MiB of it."""
+    f.seek(m.header_offset)
+    header = f.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise ParseError(f"corrupt .docx: no local header for {m.filename}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    f.seek(m.header_offset + 30 + name_len + extra_len)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    left, out = m.compress_size, 0
+    try:
+        while left > 0 and not inflater.eof:
+            data = f.read(min(left, 64 * 1024))
+            if not data:
+                break
+            left -= len(data)
+            while data and not inflater.eof:
+                out += len(inflater.decompress(data, MIB))
+                if out > m.file_size:
+                    raise ParseError(f"docx part {m.filename} unzips to more than the {m.file_size:,} bytes it "
+                                     "declares (zip bomb?)")
+                data = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise ParseError(f"corrupt .docx: {m.filename}: {exc}") from None
+    if out != m.file_size:
+        raise ParseError(f"corrupt .docx: {m.filename} unzips to {out:,} bytes, not the {m.file_size:,} it declares")
 
 
 def _docx_lines(document: Any) -> tuple[list[str], str | None]:

@@ -127,8 +127,8 @@ def page_range(total: int, job: Job, settings: OcrSettings) -> range:
     last = total if job.max_pages is None else min(total, job.first_page + job.max_pages - 1)
     count = last - job.first_page + 1
     if count > settings.max_pages:
-        raise RequestError(f"too many pages: {count} to read, the limit is {settings.max_pages} (first_page and "
-                           "max_pages select a part)", 413)
+        raise RequestError(f"too many pages: {count} to read, over max_pages = {settings.max_pages} in [ocr] (a "
+                           "request's first_page and max_pages select a part)", 413)
     return range(job.first_page, last + 1)
 
 
@@ -201,8 +201,8 @@ def _render(page: pdfium.PdfPage, number: int, job: Job, settings: OcrSettings) 
     if w <= 0 or h <= 0:
         raise RequestError(f"page {number} has no area ({width:g} x {height:g} points; corrupt?)", 422)
     if w * h > settings.max_pixels:
-        raise RequestError(f"page {number} has too many pixels at {job.dpi} dpi: {w} x {h} = {w * h:,}, the "
-                           f"limit is {settings.max_pixels:,} (a lower dpi reads it)", 413)
+        raise RequestError(f"page {number} has too many pixels at {job.dpi} dpi: {w} x {h} = {w * h:,}, over "
+                           f"max_pixels = {settings.max_pixels:,} in [ocr] (a lower dpi reads it)", 413)
     bitmap = page.render(scale=scale, grayscale=True, may_draw_forms=False)
     return grey(bitmap.to_pil())
 
@@ -213,8 +213,8 @@ def _check_images(page: pdfium.PdfPage, number: int, settings: OcrSettings) -> N
     for obj in page.get_objects(filter=[pdfium.raw.FPDF_PAGEOBJ_IMAGE]):
         pw, ph = obj.get_px_size()
         if pw * ph > settings.max_pixels:
-            raise RequestError(f"page {number} has an image with too many pixels: {pw} x {ph} = {pw * ph:,}, the "
-                               f"limit is {settings.max_pixels:,} (a decompression bomb?)", 413)
+            raise RequestError(f"page {number} has an image with too many pixels: {pw} x {ph} = {pw * ph:,}, over "
+                               f"max_pixels = {settings.max_pixels:,} in [ocr] (a decompression bomb?)", 413)
 
 
 def _scan_image(page: pdfium.PdfPage, job: Job) -> tuple[Image.Image, int] | None:
@@ -254,8 +254,8 @@ def _scan_image(page: pdfium.PdfPage, job: Job) -> tuple[Image.Image, int] | Non
 def _bomb(exc: Exception, settings: OcrSettings) -> RequestError:
     found = PIXELS_RE.search(str(exc))
     size = f"{int(found.group(1)):,} pixels, " if found else ""
-    return RequestError(f"the image has too many pixels ({size}the limit is {settings.max_pixels:,}; a "
-                        "decompression bomb?)", 413)
+    return RequestError(f"the image has too many pixels ({size}over max_pixels = {settings.max_pixels:,} in [ocr]; "
+                        "a decompression bomb?)", 413)
 
 
 def _image_pages(f: BinaryIO, kind: str, job: Job, settings: OcrSettings,
@@ -280,8 +280,8 @@ def _frame(image: Image.Image, kind: str, number: int, settings: OcrSettings) ->
         image.seek(number - 1)
         w, h = image.size
         if w * h > settings.max_pixels:
-            raise RequestError(f"page {number} has too many pixels: {w} x {h} = {w * h:,}, the limit is "
-                               f"{settings.max_pixels:,} (a decompression bomb?)", 413)
+            raise RequestError(f"page {number} has too many pixels: {w} x {h} = {w * h:,}, over max_pixels = "
+                               f"{settings.max_pixels:,} in [ocr] (a decompression bomb?)", 413)
         image.load()
         return ImageOps.exif_transpose(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
