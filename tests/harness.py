@@ -92,6 +92,20 @@ class Suite(launcher.Suite):
     def start_infer(self, model: str = "smollm2", **kw: Any) -> Child:
         return self.start_daemon("infer", model, **kw)
 
+    def start_documents(self, *, infer: bool = True, ocr: bool = True, wait: bool = True,
+                        ready_timeout: float = 60.0) -> None:
+        """The whole document path: the router, inference (unless the caller brings its
+        own worker), the `minilm` embedding model, OCR (unless `ocr` is false) and ingestion."""
+        self.start_router()
+        if infer:
+            self.start_infer()
+        self.start_daemon("embed", "minilm")
+        if ocr:
+            self.start_daemon("ocr")
+        self.start_daemon("ingest")
+        if wait:
+            self.wait_api_ready(timeout=ready_timeout)
+
     def stop(self, timeout: float = 10.0, **kw: Any) -> None:
         super().stop(timeout, **kw)
         keep = os.environ.get("ONEBOX_TEST_KEEP_LOGS")

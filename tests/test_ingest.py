@@ -41,12 +41,7 @@ def isuite() -> Iterator[Suite]:
         root = Path(d)
         suite = Suite(root, write_config(root, extra=config_text(root)))
         try:
-            suite.start_router()
-            suite.start_infer()
-            suite.start_daemon("embed", "minilm")
-            suite.start_daemon("ocr")
-            suite.start_daemon("ingest")
-            suite.wait_api_ready(timeout=60)
+            suite.start_documents()
             yield suite
         finally:
             suite.stop()

@@ -342,12 +342,7 @@ def full_suite(root: Path) -> Iterator[Suite]:
     # busy 2-core box does not make a live daemon look dead, as the tests' usual 0.6 s can.
     suite = Suite(root, write_config(root, extra=config_text(root), heartbeat=0.5))
     try:
-        suite.start_router()
-        suite.start_infer()
-        suite.start_daemon("embed", "minilm")
-        suite.start_daemon("ocr")
-        suite.start_daemon("ingest")
-        suite.wait_api_ready(timeout=90)
+        suite.start_documents(ready_timeout=90)
         yield suite
     finally:
         suite.stop()

@@ -78,16 +78,6 @@ def encrypted_pdf(path: Path, user_password: bytes = b"secret", owner_password: 
     return path
 
 
-def png_claiming(path: Path, width: int, height: int) -> Path:
-    """A small PNG whose header claims width x height pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
-
-
 def jpeg_claiming(path: Path, width: int, height: int) -> Path:
     """A JPEG whose frame header (SOF0) claims width x height grey pixels."""
     sof = struct.pack(">BHHB", 8, height, width, 1) + bytes([1, 0x11, 0])

@@ -80,11 +80,8 @@ def asuite() -> Iterator[Suite]:
         root = Path(d)
         suite = Suite(root, write_config(root, extra=config_text(root)))
         try:
-            suite.start_router()
+            suite.start_documents(infer=False, wait=False)
             suite.start_module("chat", "tests.workers.slow_chat_worker", "smollm2", "--delay", "0", "--slots", "64")
-            suite.start_daemon("embed", "minilm")
-            suite.start_daemon("ocr")
-            suite.start_daemon("ingest")
             suite.wait_api_ready(timeout=60)
             yield suite
         finally:

@@ -36,7 +36,7 @@ import pytest
 
 from tests.faults import hostile_files as hf
 from tests.harness import Suite, write_config
-from tests.ocr_docs import PAGES, scanned_pdf, text_pdf
+from tests.ocr_docs import PAGES, png_claiming, scanned_pdf, text_pdf
 from tests.test_ingest import GGUF, files, names, search
 
 REPO = Path(__file__).resolve().parents[2]
@@ -179,8 +179,8 @@ def build_corpus(inbox: Path, outside: Path) -> None:
     (inbox / "giant-page.pdf").write_bytes(hf._pdf([b"<< /Type /Catalog /Pages 2 0 R >>",
                                                      b"<< /Type /Pages /Count 1 /Kids [3 0 R] >>",
                                                      b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 14400 14400] >>"]))
-    hf.png_claiming(inbox / "bomb.png", 50_000, 50_000)
-    hf.png_claiming(inbox / "bomb-warning.png", 10_000, 10_000)
+    png_claiming(inbox / "bomb.png", 50_000, 50_000)
+    png_claiming(inbox / "bomb-warning.png", 10_000, 10_000)
     hf.jpeg_claiming(inbox / "bomb.jpg", 50_000, 50_000)
     hf.zip_bomb_docx(inbox / "bomb.docx")
     hf.lying_docx(inbox / "lying.docx")
@@ -219,12 +219,7 @@ def drop() -> Iterator[Drop]:
         suite = Suite(root, write_config(root, extra=config_text(root), heartbeat=0.5))
         sampler: hf.MemorySampler | None = None
         try:
-            suite.start_router()
-            suite.start_infer()
-            suite.start_daemon("embed", "minilm")
-            suite.start_daemon("ocr")
-            suite.start_daemon("ingest")
-            suite.wait_api_ready(timeout=60)
+            suite.start_documents()
             sampler = hf.MemorySampler({name: child.pid for name, child in suite.children.items()})
             sampler.start()
             inbox, outside = root / "inbox" / "docs", root / "outside"

@@ -107,11 +107,7 @@ def test_a_full_state_disk_pauses_ingestion_keeps_the_ledger_and_resumes(small_d
              f'[collections.docs]\nfolder = "{inbox}"\n')
     suite = Suite(root, write_config(root, extra=extra))
     try:
-        suite.start_router()
-        suite.start_infer()
-        suite.start_daemon("embed", "minilm")
-        suite.start_daemon("ingest")
-        suite.wait_api_ready(timeout=60)
+        suite.start_documents(ocr=False)
         before = drop(inbox, [f"before{i}" for i in range(4)])
         until(lambda: all(rows(root).get(str(p), {}).get("state") == "indexed" for p in before), 120, "first files")
         with suite.client(timeout=60) as c:
@@ -186,11 +182,8 @@ def test_a_daemon_over_its_memory_limit_is_killed_alone_and_its_restart_is_used(
              f'[collections.docs]\nfolder = "{inbox}"\n')
     suite = Suite(fresh_dir, write_config(fresh_dir, extra=extra))
     try:
-        suite.start_router()
-        suite.start_infer()
-        suite.start_daemon("embed", "minilm")
-        ingest = suite.start_daemon("ingest")
-        suite.wait_api_ready(timeout=60)
+        suite.start_documents(ocr=False)
+        ingest = suite.children["ingest"]
         (memory_cgroup / "cgroup.procs").write_text(str(ingest.pid))
         usage = int((memory_cgroup / "memory.usage_in_bytes").read_text())
         (memory_cgroup / "memory.limit_in_bytes").write_text(str(usage + (64 << 20)))
