@@ -60,7 +60,8 @@ def files(s: Suite) -> dict[str, dict[str, Any]]:
         db.close()
 
 
-def wait_done(s: Suite, paths: list[Path], timeout: float = 120.0) -> dict[str, dict[str, Any]]:
+def wait_done(s: Suite, paths: list[Path], timeout: float = 120.0, poll_s: float = 0.2,
+              ) -> dict[str, dict[str, Any]]:
     """Until every path is indexed or quarantined; their rows."""
     want = [str(p) for p in paths]
     end = time.monotonic() + timeout
@@ -69,8 +70,9 @@ def wait_done(s: Suite, paths: list[Path], timeout: float = 120.0) -> dict[str, 
         if all(rows.get(p, {}).get("state") in ("indexed", "quarantined") for p in want):
             return {p: rows[p] for p in want}
         if time.monotonic() > end:
-            raise AssertionError({p: rows.get(p, {}).get("state") for p in want})
-        time.sleep(0.2)
+            raise AssertionError({p: rows.get(p, {}).get("state") for p in want
+                                  if rows.get(p, {}).get("state") not in ("indexed", "quarantined")})
+        time.sleep(poll_s)
 
 
 def search(c: httpx.Client, query: str, **kw: Any) -> list[dict[str, Any]]:

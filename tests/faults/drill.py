@@ -35,6 +35,7 @@ from daemons.ledger import open_ledger
 from daemons.store import Database
 from tests.harness import Suite, write_config
 from tests.ocr_docs import PAGES, scan
+from tests.test_ingest import files
 
 EMBED_GGUF = "all_minilm_l6_v2/all-MiniLM-L6-v2.f16.gguf"
 DEADLINE_S = 20.0  # each request's X-Request-Timeout
@@ -208,16 +209,8 @@ class Dropper:
             self.stop.wait(self.every_s)
 
 
-def index_rows(suite: Suite) -> dict[str, dict[str, Any]]:
-    db = Database(suite.dir / "state" / "index.db", readonly=True, migrations=INDEX_MIGRATIONS)
-    try:
-        return {r["path"]: r for r in db.rows("SELECT * FROM files")}
-    finally:
-        db.close()
-
-
 def indexed(suite: Suite) -> int:
-    return sum(1 for r in index_rows(suite).values() if r["state"] == "indexed")
+    return sum(1 for r in files(suite).values() if r["state"] == "indexed")
 
 
 def progress_at(suite: Suite, timeout: float) -> float | None:
@@ -299,7 +292,7 @@ def check_documents(suite: Suite, dropper: Dropper, timeout: float = 180.0) -> d
     paths = [str(p) for p, _ in dropper.dropped]
     end = time.monotonic() + timeout
     while True:
-        rows = index_rows(suite)
+        rows = files(suite)
         states = Counter(rows.get(p, {}).get("state") for p in paths)
         if states.get("indexed", 0) + states.get("quarantined", 0) == len(paths) or time.monotonic() > end:
             break

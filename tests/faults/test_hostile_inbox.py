@@ -37,7 +37,7 @@ import pytest
 from tests.faults import hostile_files as hf
 from tests.harness import Suite, write_config
 from tests.ocr_docs import PAGES, png_claiming, scanned_pdf, text_pdf
-from tests.test_ingest import GGUF, files, names, search
+from tests.test_ingest import GGUF, files, names, search, wait_done
 
 REPO = Path(__file__).resolve().parents[2]
 # ~30 files/s here (2 cores, the whole suite running): 2,500 keep the module near 120 s;
@@ -246,20 +246,6 @@ def drop() -> Iterator[Drop]:
             suite.stop()
 
 
-def wait_rows(s: Suite, paths: list[Path], timeout: float, poll_s: float = 0.5) -> dict[str, dict[str, Any]]:
-    """Until every path is indexed or quarantined; their rows."""
-    want = [str(p) for p in paths]
-    end = time.monotonic() + timeout
-    while True:
-        rows = files(s)
-        if all(rows.get(p, {}).get("state") in ("indexed", "quarantined") for p in want):
-            return {p: rows[p] for p in want}
-        if time.monotonic() > end:
-            raise AssertionError({p: rows.get(p, {}).get("state") for p in want
-                                  if rows.get(p, {}).get("state") not in ("indexed", "quarantined")})
-        time.sleep(poll_s)
-
-
 def test_a_file_deleted_while_it_is_read_leaves_no_trace(drop: Drop) -> None:
     drop.deleter.join(130)
     assert drop.deleter.deleted_at is not None, f"never seen processing: {drop.deleter.states}"
@@ -281,7 +267,7 @@ def test_a_file_deleted_while_it_is_read_leaves_no_trace(drop: Drop) -> None:
 
 
 def test_every_hostile_file_ends_indexed_or_quarantined_with_its_reason(drop: Drop) -> None:
-    rows = wait_rows(drop.suite, [drop.inbox / n for n in EXPECTED], timeout=240)
+    rows = wait_done(drop.suite, [drop.inbox / n for n in EXPECTED], timeout=240)
     wrong = {}
     for name, want in EXPECTED.items():
         row = rows[str(drop.inbox / name)]
@@ -306,7 +292,7 @@ def test_every_hostile_file_ends_indexed_or_quarantined_with_its_reason(drop: Dr
 
 
 def test_nothing_outside_the_inbox_is_read(drop: Drop) -> None:
-    wait_rows(drop.suite, [drop.inbox / n for n in ("passwd.txt", "secret-link.txt", "dotdot.txt", "escape", "up")],
+    wait_done(drop.suite, [drop.inbox / n for n in ("passwd.txt", "secret-link.txt", "dotdot.txt", "escape", "up")],
               timeout=120)
     rows = files(drop.suite)
     # Nothing under a folder link is listed (watchdog does not follow it, nor does a rescan).
@@ -324,7 +310,7 @@ def test_nothing_outside_the_inbox_is_read(drop: Drop) -> None:
 
 @pytest.mark.timeout(max(300, int(SMALL_BUDGET_S) + 60))
 def test_many_small_files_at_once_are_all_indexed(drop: Drop) -> None:
-    rows = wait_rows(drop.suite, drop.small, timeout=SMALL_BUDGET_S, poll_s=1.0)
+    rows = wait_done(drop.suite, drop.small, timeout=SMALL_BUDGET_S, poll_s=1.0)
     took = time.monotonic() - drop.dropped_at
     assert {r["state"] for r in rows.values()} == {"indexed"}
     print(f"\n{SMALL_FILES} small files: written in {drop.small_written_s:.1f} s, all indexed "
@@ -340,7 +326,7 @@ def test_a_slowly_written_file_is_read_only_once_complete(drop: Drop) -> None:
     drop.slow.join(SLOW_WRITE_S + 60)
     assert not drop.slow.is_alive() and drop.slow.error is None, drop.slow.error
     assert drop.slow.seen_early == [], "read while still being written"
-    row = wait_rows(drop.suite, [drop.slow.path], timeout=60)[str(drop.slow.path)]
+    row = wait_done(drop.suite, [drop.slow.path], timeout=60)[str(drop.slow.path)]
     assert row["state"] == "indexed", row
     with drop.suite.client(timeout=120) as c:
         assert names(search(c, "quetzalfinale", mode="text")) == ["slow.txt"]
@@ -368,7 +354,7 @@ def test_an_inotify_overflow_loses_no_file(drop: Drop) -> None:
     finally:
         ingest.signal(signal.SIGCONT)
     t0 = time.monotonic()
-    rows = wait_rows(drop.suite, paths, timeout=120)
+    rows = wait_done(drop.suite, paths, timeout=120)
     assert {r["state"] for r in rows.values()} == {"indexed"}
     log = (drop.suite.dir / "ingest.log").read_text(errors="replace")
     assert "Inotify queue overflowed" in log and "inotify lost events" in log
